@@ -1,0 +1,15 @@
+"""WMSS losses: the vocab-parallel mixed cross-entropy and its saturation diagnostics."""
+
+from megatron_wmss.loss.diagnostics import (
+    TokenStatistics,
+    mixed_logit_diagnostics,
+    token_statistics,
+)
+from megatron_wmss.loss.mixed_cross_entropy import mixed_cross_entropy
+
+__all__ = [
+    "TokenStatistics",
+    "mixed_cross_entropy",
+    "mixed_logit_diagnostics",
+    "token_statistics",
+]

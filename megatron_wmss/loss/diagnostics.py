@@ -1,0 +1,133 @@
+"""Saturation diagnostics of the strong, weak and mixed distributions, vocab-parallel.
+
+Per token (WMSS §8): entropy ``H = −Σ_k p_k log p_k`` (nats), target probability ``p_y``, logit
+margin ``z_y − mean_{k≠y} z_k``, and logit standard deviation over the vocabulary. Under SFT the
+strong model's margin grows and its non-target mass ``1 − p_y`` collapses; WMSS works by keeping
+the mixed distribution's non-target mass alive. All statistics are taken over the (padded)
+vocabulary the logits cover, from shard-local sums, without ever gathering the vocabulary.
+
+Shape legend: ``[..., v]`` local vocab shard, ``t`` flattened tokens, ``k`` distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_wmss.loss.vocab_parallel import (
+    all_reduce_max_checked,
+    all_reduce_sum,
+    check_logits,
+    check_mix_lambda,
+    check_target_range,
+    mixed_logits_fp32,
+    shard_rank_and_size,
+    target_in_shard,
+)
+
+__all__ = ["TokenStatistics", "mixed_logit_diagnostics", "token_statistics"]
+
+
+@dataclass
+class TokenStatistics:
+    """Per-token statistics of one distribution, each ``[...]`` fp32 (0 at ignored positions)."""
+
+    entropy: torch.Tensor
+    target_prob: torch.Tensor
+    margin: torch.Tensor
+    logit_std: torch.Tensor
+    valid: torch.Tensor  # bool, False at ignored positions
+
+    def means(self) -> dict[str, float]:
+        """Means over supervised tokens of this rank (nan when there are none)."""
+        count = self.valid.sum()
+        return {
+            name: float(getattr(self, name).sum() / count)
+            for name in ("entropy", "target_prob", "margin", "logit_std")
+        }
+
+
+@torch.no_grad()
+def token_statistics(
+    logits: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = -100,
+) -> list[TokenStatistics]:
+    """Statistics of each ``[..., v]`` logits tensor in ``logits`` against ``target``.
+
+    Collectives over ``tp_group``, shared by all distributions: one all-reduce MAX of
+    ``[k·t + 2]`` and one all-reduce SUM of ``[k, 5, t]``, both fp32.
+    """
+    if len(logits) == 0:
+        raise ValueError("logits must hold at least one tensor")
+    check_logits({f"logits[{i}]": x for i, x in enumerate(logits)}, target)
+    local_vocab = logits[0].shape[-1]
+    target_t = target.reshape(-1).long()
+    valid_t = target_t != ignore_index
+
+    # z' = z − rowmax keeps exp() in range; every statistic below is shift-invariant.
+    shifted = [x.reshape(-1, local_vocab).to(torch.float32, copy=True) for x in logits]
+    row_max_kt = torch.stack([z_tv.max(dim=-1).values for z_tv in shifted])
+    row_max_kt, vocab = all_reduce_max_checked(row_max_kt, local_vocab, tp_group)
+    check_target_range(target_t, valid_t, vocab, ignore_index)
+
+    rank, _ = shard_rank_and_size(tp_group)
+    local_target_t, in_shard_t = target_in_shard(
+        target_t, valid_t, rank * local_vocab, local_vocab
+    )
+    sums = []
+    for z_tv, row_max_t in zip(shifted, row_max_kt):
+        z_tv.sub_(row_max_t.unsqueeze(-1))
+        z_target_t = z_tv.gather(-1, local_target_t.unsqueeze(-1)).squeeze(-1)
+        z_sum_t, z_sq_sum_t = z_tv.sum(dim=-1), z_tv.square().sum(dim=-1)
+        e_tv = z_tv.exp()
+        sums.append(torch.stack([
+            e_tv.sum(dim=-1),                       # S = Σ e^z'
+            (e_tv * z_tv).sum(dim=-1),              # Σ e^z' z'
+            torch.where(in_shard_t, z_target_t, 0.0),
+            z_sum_t,
+            z_sq_sum_t,
+        ]))
+    sums_k5t = all_reduce_sum(torch.stack(sums), tp_group)
+
+    out = []
+    for sum_exp_t, sum_ez_t, z_target_t, z_sum_t, z_sq_sum_t in sums_k5t.unbind(0):
+        entropy_t = torch.log(sum_exp_t) - sum_ez_t / sum_exp_t
+        target_prob_t = torch.exp(z_target_t) / sum_exp_t
+        margin_t = z_target_t - (z_sum_t - z_target_t) / max(vocab - 1, 1)
+        mean_t = z_sum_t / vocab
+        std_t = (z_sq_sum_t / vocab - mean_t.square()).clamp_min(0.0).sqrt()
+        out.append(TokenStatistics(
+            entropy=_masked(entropy_t, valid_t, target.shape),
+            target_prob=_masked(target_prob_t, valid_t, target.shape),
+            margin=_masked(margin_t, valid_t, target.shape),
+            logit_std=_masked(std_t, valid_t, target.shape),
+            valid=valid_t.view(target.shape),
+        ))
+    return out
+
+
+def _masked(values_t: torch.Tensor, valid_t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return torch.where(valid_t, values_t, 0.0).view(shape)
+
+
+@torch.no_grad()
+def mixed_logit_diagnostics(
+    strong_logits: torch.Tensor,
+    weak_logits: torch.Tensor,
+    target: torch.Tensor,
+    mix_lambda: float,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = -100,
+) -> dict[str, TokenStatistics]:
+    """Statistics of the ``"strong"``, ``"weak"`` and ``"mixed"`` distributions (same arguments
+    as :func:`~megatron_wmss.loss.mixed_cross_entropy`). Inputs are not modified."""
+    check_logits({"strong_logits": strong_logits, "weak_logits": weak_logits}, target)
+    lam = check_mix_lambda(mix_lambda)
+    mixed = mixed_logits_fp32(strong_logits, weak_logits, lam)
+    stats = token_statistics([strong_logits, weak_logits, mixed], target, tp_group, ignore_index)
+    return dict(zip(("strong", "weak", "mixed"), stats))

@@ -1,0 +1,177 @@
+"""Single-process properties of the mixed cross-entropy and its diagnostics.
+
+The multi-rank (TP 1/2/4) comparisons live in tests/distributed/test_mixed_ce_tp.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics, token_statistics
+from tests.naive import make_case, naive_mixed_ce, naive_statistics
+
+# fp32: the two implementations sum the same fp32 terms in a different order; over V <= 1000
+# terms that moves a loss of O(10) nats by a few ulps (~1e-6) and a probability by ~1e-7.
+FP32_LOSS_ATOL, FP32_GRAD_ATOL = 1e-5, 1e-6
+# bf16 gradients: both sides round nearly equal fp32 values to bf16 once, so they may differ by
+# one bf16 ulp (relative 2^-7); the atol covers fp32 noise on gradients that are ~0.
+BF16_GRAD_RTOL = 2.0**-7
+
+LAMBDAS = [0.0, 0.3, 0.5, 1.0]
+
+
+def _run_both(strong, weak, target, grad, lam, strong_grad=True, weak_grad=True):
+    s = strong.clone().requires_grad_(strong_grad)
+    w = weak.clone().requires_grad_(weak_grad)
+    loss = mixed_cross_entropy(s, w, target, lam)
+    loss.backward(grad)
+    s_ref = strong.clone().requires_grad_(True)
+    w_ref = weak.clone().requires_grad_(True)
+    ref = naive_mixed_ce(s_ref, w_ref, target, lam)
+    ref.backward(grad)
+    return (loss, s.grad, w.grad), (ref, s_ref.grad, w_ref.grad)
+
+
+def _assert_grad_close(got, want, dtype):
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=FP32_GRAD_ATOL, rtol=0)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=FP32_GRAD_ATOL,
+                                   rtol=BF16_GRAD_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_loss_and_gradients_match_autograd_of_naive_mix(lam, dtype):
+    strong, weak, target, grad = make_case(0, (3, 7), 97, dtype)
+    (loss, gs, gw), (ref, gs_ref, gw_ref) = _run_both(strong, weak, target, grad, lam)
+    assert loss.dtype == torch.float32 and loss.shape == target.shape
+    torch.testing.assert_close(loss, ref.detach(), atol=FP32_LOSS_ATOL, rtol=0)
+    assert torch.all(loss[target == -100] == 0)
+    _assert_grad_close(gs, gs_ref, dtype)
+    _assert_grad_close(gw, gw_ref, dtype)
+
+
+def test_gradients_are_exactly_lambda_scaled_copies():
+    strong, weak, target, grad = make_case(1, (16,), 64, torch.float32)
+    s, w = strong.clone().requires_grad_(), weak.clone().requires_grad_()
+    mixed_cross_entropy(s, w, target, 0.25).backward(grad)
+    # dL/dz_s = λ·g and dL/dz_w = (1−λ)·g: with λ = 1/4 both scalings are exact in fp32.
+    torch.testing.assert_close(s.grad * 3.0, w.grad, atol=0, rtol=0)
+    assert torch.all(s.grad[target == -100] == 0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_zero_weight_model_gets_exactly_zero_gradient(lam):
+    strong, weak, target, grad = make_case(2, (12,), 40, torch.float32)
+    s, w = strong.clone().requires_grad_(), weak.clone().requires_grad_()
+    mixed_cross_entropy(s, w, target, lam).backward(grad)
+    silent = w.grad if lam == 1.0 else s.grad
+    assert torch.count_nonzero(silent) == 0
+
+
+@pytest.mark.parametrize("strong_grad,weak_grad", [(True, False), (False, True)])
+def test_either_input_may_be_frozen(strong_grad, weak_grad):
+    strong, weak, target, grad = make_case(3, (2, 5), 33, torch.bfloat16)
+    (loss, gs, gw), (ref, gs_ref, gw_ref) = _run_both(
+        strong, weak, target, grad, 0.5, strong_grad, weak_grad)
+    torch.testing.assert_close(loss, ref.detach(), atol=FP32_LOSS_ATOL, rtol=0)
+    if strong_grad:
+        _assert_grad_close(gs, gs_ref, torch.bfloat16)
+        assert gw is None
+    else:
+        _assert_grad_close(gw, gw_ref, torch.bfloat16)
+        assert gs is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_bit_identical_after_forward_and_backward(dtype):
+    strong, weak, target, grad = make_case(4, (4, 6), 50, dtype)
+    s, w, y = strong.clone().requires_grad_(), weak.clone().requires_grad_(), target.clone()
+    mixed_cross_entropy(s, w, y, 0.5).backward(grad)
+    mixed_logit_diagnostics(s, w, y, 0.5)
+    assert torch.equal(s.detach(), strong) and torch.equal(w.detach(), weak)
+    assert torch.equal(y, target)
+
+
+def test_non_contiguous_sequence_first_logits():
+    # Megatron's logits are [s, b, v] while targets are [b, s]: callers transpose views.
+    strong, weak, target, grad = make_case(5, (4, 6), 30, torch.float32)
+    s_sbv = strong.transpose(0, 1).contiguous().requires_grad_()
+    loss = mixed_cross_entropy(s_sbv.transpose(0, 1), weak, target, 0.4)
+    loss.backward(grad)
+    ref = naive_mixed_ce(strong, weak, target, 0.4)
+    torch.testing.assert_close(loss, ref, atol=FP32_LOSS_ATOL, rtol=0)
+    assert s_sbv.grad.shape == s_sbv.shape
+
+
+def test_second_backward_through_same_graph_is_refused():
+    strong, weak, target, grad = make_case(6, (5,), 20, torch.float32)
+    s = strong.clone().requires_grad_()
+    loss = mixed_cross_entropy(s, weak, target, 0.5)
+    loss.backward(grad, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(grad)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan"), True, "0.5", torch.ones(2)])
+def test_lambda_outside_unit_interval_is_rejected(lam):
+    strong, weak, target, _ = make_case(7, (3,), 10, torch.float32)
+    with pytest.raises(ValueError, match="mix_lambda"):
+        mixed_cross_entropy(strong, weak, target, lam)
+
+
+def test_tensor_lambda_is_accepted():
+    strong, weak, target, _ = make_case(7, (3,), 10, torch.float32)
+    got = mixed_cross_entropy(strong, weak, target, torch.tensor(0.3))
+    torch.testing.assert_close(got, naive_mixed_ce(strong, weak, target, 0.3),
+                               atol=FP32_LOSS_ATOL, rtol=0)
+
+
+def test_bad_shapes_and_targets_are_rejected_with_the_argument_named():
+    strong, weak, target, _ = make_case(8, (2, 3), 10, torch.float32)
+    with pytest.raises(ValueError, match="strong_logits and weak_logits must have the same shape"):
+        mixed_cross_entropy(strong, weak[..., :9], target, 0.5)
+    with pytest.raises(ValueError, match="target must hold integer token ids"):
+        mixed_cross_entropy(strong, weak, target.float(), 0.5)
+    with pytest.raises(ValueError, match=r"target must have the logits' shape"):
+        mixed_cross_entropy(strong, weak, target[:, :2], 0.5)
+    with pytest.raises(ValueError, match="weak_logits must be a floating-point"):
+        mixed_cross_entropy(strong, target, target, 0.5)
+    for bad_id in (10, -1):
+        bad = target.clone()
+        bad[0, 0] = bad_id
+        with pytest.raises(ValueError, match=rf"token id {bad_id} outside \[0, 10\)"):
+            mixed_cross_entropy(strong, weak, bad, 0.5)
+
+
+def test_ignore_index_is_configurable():
+    strong, weak, target, _ = make_case(9, (8,), 12, torch.float32)
+    target[target == -100] = 11  # a real id now; ignore the id 3 instead
+    got = mixed_cross_entropy(strong, weak, target, 0.5, ignore_index=3)
+    ref = naive_mixed_ce(strong, weak, target, 0.5, ignore_index=3)
+    torch.testing.assert_close(got, ref, atol=FP32_LOSS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diagnostics_match_naive_statistics(dtype):
+    strong, weak, target, _ = make_case(10, (3, 5), 77, dtype)
+    lam = 0.42
+    stats = mixed_logit_diagnostics(strong, weak, target, lam)
+    mixed = lam * strong.float() + (1 - lam) * weak.float()
+    for name, logits in (("strong", strong), ("weak", weak), ("mixed", mixed)):
+        want = naive_statistics(logits, target)
+        for field, value in want.items():
+            # Entropy/margin/std are O(1..10) sums of <= 77 fp32 terms: 1e-5 covers ordering.
+            torch.testing.assert_close(getattr(stats[name], field), value, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{name}.{field}: {m}")
+
+
+def test_diagnostic_means_ignore_unsupervised_tokens():
+    strong, _, target, _ = make_case(11, (20,), 16, torch.float32, ignore_fraction=0.5)
+    (stats,) = token_statistics([strong], target)
+    valid = target != -100
+    want = naive_statistics(strong, target)["entropy"][valid].mean()
+    assert stats.means()["entropy"] == pytest.approx(float(want), rel=1e-6)
