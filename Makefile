@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv on first use: CPU torch first where there is no GPU (so pip never pulls a
+# multi-GB CUDA build), then this project with its test extras.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.wmss-installed
+CPU_TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+ifeq ($(HAS_GPU),1)
+	@# NGC containers ship CUDA torch, Transformer Engine and Apex: reuse them.
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(CPU_TORCH)"
+endif
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/mixed_ce_demo.py
+
+# pytest exits 5 when it collected no test: say so plainly, and fail.
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
