@@ -111,7 +111,8 @@ def run_distributed(
                     fn, tuple(args), dict(kwargs or {}), results,
                 ),
                 name=f"wmss-rank{rank}",
-                daemon=True,
+                # Not daemonic: ranks may start children (dist_checkpointing's writer Manager).
+                # The finally below kills every rank still alive, whatever happened.
             )
             for rank in range(world_size)
         ]

@@ -1,0 +1,99 @@
+"""Training configuration: the strong/weak mix, the optimizer and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["MixConfig", "OptimConfig"]
+
+
+def _in_unit_interval(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}.{name} must be in [0, 1], got {value!r}")
+
+
+@dataclass
+class MixConfig:
+    """How the strong and weak logits are mixed: ``λ·z_strong + (1−λ)·z_weak`` (WMSS §3)."""
+
+    mix_lambda: float = 0.5
+    """Weight λ of the strong model (paper default 0.5; best 0.42, plateau [0.42, 0.50])."""
+    lambda_start: Optional[float] = None
+    """With ``lambda_ramp_steps`` > 0: λ at step 0, moved linearly to ``mix_lambda``."""
+    lambda_ramp_steps: int = 0
+    """Optimizer steps of the linear ramp from ``lambda_start`` to ``mix_lambda``; 0 = constant."""
+    freeze_weak: bool = False
+    """Keep the weak model fixed (paper App. B ablation; the main results train both)."""
+
+    def __post_init__(self) -> None:
+        _in_unit_interval("MixConfig", "mix_lambda", self.mix_lambda)
+        if isinstance(self.lambda_ramp_steps, bool) or not isinstance(self.lambda_ramp_steps, int) \
+                or self.lambda_ramp_steps < 0:
+            raise ValueError("MixConfig.lambda_ramp_steps must be an int >= 0, got "
+                             f"{self.lambda_ramp_steps!r}")
+        if self.lambda_ramp_steps and self.lambda_start is None:
+            raise ValueError("MixConfig.lambda_start is required when lambda_ramp_steps > 0")
+        if self.lambda_start is not None:
+            _in_unit_interval("MixConfig", "lambda_start", self.lambda_start)
+
+    def lambda_at(self, step: int) -> float:
+        """λ for optimizer step ``step`` (0-based): the linear ramp, then ``mix_lambda``."""
+        if not self.lambda_ramp_steps or step >= self.lambda_ramp_steps:
+            return float(self.mix_lambda)
+        frac = step / self.lambda_ramp_steps
+        return float(self.lambda_start + frac * (self.mix_lambda - self.lambda_start))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine or constant learning rate (paper App. E)."""
+
+    lr: float = 1e-5
+    """Peak learning rate of the strong model (paper: 1e-5)."""
+    weak_lr: Optional[float] = None
+    """Peak learning rate of the weak model; None means the same as ``lr``."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay (scaled by weak_lr/lr for the weak model)."""
+    lr_schedule: str = "cosine"
+    """After warm-up: cosine (decay to min_lr over the run) or constant."""
+    warmup_fraction: float = 0.1
+    """Fraction of the optimizer steps spent in linear warm-up from 0 (paper: 10%)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (biases and norms are exempt)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip over both models (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
+        if self.weak_lr is not None and not self.weak_lr > 0:
+            raise ValueError(f"OptimConfig.weak_lr must be > 0 or null, got {self.weak_lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"OptimConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError("OptimConfig.lr_schedule must be one of ['cosine', 'constant'], "
+                             f"got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError("OptimConfig.warmup_fraction must be in [0, 1), got "
+                             f"{self.warmup_fraction}")
+        for name in ("weight_decay", "adam_eps", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"OptimConfig.{name} must be in [0, 1), got "
+                                 f"{getattr(self, name)}")
+
+    @property
+    def weak_lr_mult(self) -> float:
+        """Ratio of the weak model's learning rate to the strong model's."""
+        return 1.0 if self.weak_lr is None else self.weak_lr / self.lr

@@ -1,0 +1,151 @@
+"""Build megatron-core ``GPTModel``s from a :class:`ModelConfig`.
+
+The Transformer Engine layer spec (and FP8) is used where CUDA and TE are present, megatron's
+local spec otherwise. The output layer is megatron's own ``ColumnParallelLinear`` in both cases,
+outside the FP8 region, and logits go to the fp32 losses of :mod:`megatron_wmss.loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_wmss.config import ModelConfig, ParallelConfig
+from megatron_wmss.platform import cuda_available, te_available
+
+__all__ = [
+    "build_gpt_model",
+    "layer_spec",
+    "transformer_config",
+    "transformer_config_kwargs",
+    "use_transformer_engine",
+]
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def use_transformer_engine(cfg: ModelConfig, te_usable: Optional[bool] = None) -> bool:
+    """Whether layers use Transformer Engine; ``te_usable`` overrides detection (for tests)."""
+    usable = te_available() if te_usable is None else te_usable
+    if cfg.transformer_impl == "local":
+        return False
+    if cfg.transformer_impl == "transformer_engine" and not usable:
+        raise RuntimeError("ModelConfig.transformer_impl='transformer_engine' but Transformer "
+                           "Engine is not usable here (it needs CUDA and transformer_engine); "
+                           "use 'auto' or 'local'")
+    if cfg.fp8 is not None and not usable:
+        raise RuntimeError(f"ModelConfig.fp8={cfg.fp8!r} needs Transformer Engine on CUDA; set "
+                           "fp8: null to train without FP8")
+    return usable
+
+
+def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
+                              on_cuda: Optional[bool] = None) -> dict:
+    """Keyword arguments of megatron-core's ``TransformerConfig`` for ``cfg`` at this layout.
+
+    A plain dict so the mapping (FP8 included) is testable where TE cannot be imported.
+    Fusions that need CUDA kernels are enabled only on CUDA; dropout is off (SFT-style
+    fine-tuning, and bit-comparable runs across layouts). ``calculate_per_token_loss`` makes
+    megatron's schedule and gradient finalization weight every supervised token equally across
+    micro-batches and data-parallel ranks.
+    """
+    cfg.check_parallel(parallel)
+    dtype = _TORCH_DTYPES[cfg.params_dtype]
+    on_cuda = cuda_available() if on_cuda is None else on_cuda
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_softmax_in_fp32=True,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+        masked_softmax_fusion=on_cuda,
+        apply_rope_fusion=use_te,
+        gradient_accumulation_fusion=use_te,
+        persist_layer_norm=False,
+    )
+    if cfg.fp8 is not None:
+        if not use_te:
+            raise ValueError(f"ModelConfig.fp8={cfg.fp8!r} needs the Transformer Engine spec")
+        # FP8 covers the transformer layers only: megatron's output layer is a plain
+        # ColumnParallelLinear outside TE's fp8 autocast, and the losses upcast to fp32.
+        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe, fp8_margin=cfg.fp8_margin,
+                      fp8_amax_history_len=cfg.fp8_amax_history_len,
+                      fp8_amax_compute_algo=cfg.fp8_amax_compute_algo)
+    return kwargs
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool):
+    """megatron-core ``TransformerConfig`` for ``cfg`` (see :func:`transformer_config_kwargs`)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(cfg, parallel, use_te=use_te))
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool):
+    """The transformer-layer ``ModuleSpec``: Transformer Engine's, or megatron's local one."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    use_te: Optional[bool] = None,
+):
+    """One ``GPTModel`` for this rank's pipeline stage, on the default device.
+
+    Call after megatron's parallel state and ``model_parallel_cuda_manual_seed`` are set up.
+    """
+    from megatron.core.enums import ModelType
+    from megatron.core.models.gpt import GPTModel
+
+    te = use_transformer_engine(cfg) if use_te is None else use_te
+    tc = transformer_config(cfg, parallel, use_te=te)
+    model = GPTModel(
+        config=tc,
+        transformer_layer_spec=layer_spec(cfg, te),
+        vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+    )
+    # megatron's schedules read ``model_type`` from the model (Megatron-LM's get_model sets it).
+    model.model_type = ModelType.encoder_or_decoder
+    if cuda_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,137 @@
+"""The joint strong/weak model: two ``GPTModel``s with one layout and one mixed loss.
+
+Each pipeline stage holds the same layer range of both models. Between stages their hidden
+states travel as one tensor ``[s, b, h_strong + h_weak]`` (concatenated on the hidden
+dimension), so megatron-core's non-interleaved pipeline schedule runs the pair unchanged: the
+joint model's ``config.hidden_size`` is the sum, which is what the schedule sizes its p2p
+buffers from. The last stage runs both output layers and the vocab-parallel mixed
+cross-entropy on the two models' logit shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics
+from megatron_wmss.loss.vocab_parallel import check_mix_lambda
+
+__all__ = ["JointGPTModel", "finalize_joint_model_grads"]
+
+
+class JointGPTModel(MegatronModule):
+    """Strong and weak ``GPTModel`` of one pipeline stage, trained on ``CE(λ·z_s + (1−λ)·z_w)``.
+
+    ``forward`` returns what megatron's schedule expects: the concatenated hidden states on
+    inner stages, the per-token mixed loss ``[b, s]`` (fp32) on the last stage when ``labels``
+    are given, or both models' logit shards ``([b, s, v], [b, s, v])`` when they are not.
+    With ``freeze_weak`` the weak model runs without autograd and holds no trainable parameter.
+    """
+
+    def __init__(self, strong, weak, mix_lambda: float = 0.5, freeze_weak: bool = False,
+                 tp_group: Optional[dist.ProcessGroup] = None):
+        if (strong.pre_process, strong.post_process) != (weak.pre_process, weak.post_process):
+            raise ValueError("strong and weak models must hold the same pipeline stage")
+        if strong.vocab_size != weak.vocab_size:
+            raise ValueError(f"strong and weak models differ in padded vocab size: "
+                             f"{strong.vocab_size} vs {weak.vocab_size}")
+        config = copy.copy(strong.config)
+        # The schedule sizes p2p buffers from config.hidden_size: both activations travel.
+        config.hidden_size = strong.config.hidden_size + weak.config.hidden_size
+        super().__init__(config=config)
+        self.strong, self.weak = strong, weak
+        self.strong_hidden_size = strong.config.hidden_size
+        self.pre_process, self.post_process = strong.pre_process, strong.post_process
+        self.model_type = strong.model_type
+        # Tied embeddings are reduced across stages by finalize_joint_model_grads for both
+        # models; megatron's own reduction looks for a single shared weight and must skip us.
+        self.share_embeddings_and_output_weights = False
+        self.mix_lambda = check_mix_lambda(mix_lambda)
+        self.freeze_weak = freeze_weak
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_group = tp_group
+        if freeze_weak:
+            self.weak.requires_grad_(False)
+
+    def set_mix_lambda(self, mix_lambda: float) -> None:
+        """Set λ for the following forward passes (the optional linear ramp calls this)."""
+        self.mix_lambda = check_mix_lambda(mix_lambda)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Split the tensor received from the previous stage into the two models' inputs."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"expected one input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self.strong.set_input_tensor(None)
+            self.weak.set_input_tensor(None)
+            return
+        h = self.strong_hidden_size
+        self.strong.set_input_tensor(input_tensor[..., :h])
+        self.weak.set_input_tensor(input_tensor[..., h:])
+
+    def _weak_context(self):
+        return torch.no_grad() if self.freeze_weak else contextlib.nullcontext()
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None):
+        strong_out = self.strong(input_ids, position_ids, attention_mask)
+        with self._weak_context():
+            weak_out = self.weak(input_ids, position_ids, attention_mask)
+        if not self.post_process:
+            return torch.cat([strong_out, weak_out], dim=-1)
+        if labels is None:
+            return strong_out, weak_out
+        return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
+                                   tp_group=self.tp_group)
+
+    @torch.no_grad()
+    def diagnostics(self, strong_logits, weak_logits, labels):
+        """Per-token statistics of the strong, weak and mixed distributions (see loss/)."""
+        return mixed_logit_diagnostics(strong_logits, weak_logits, labels, self.mix_lambda,
+                                       tp_group=self.tp_group)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Both models' megatron sharded state dicts under ``strong.`` and ``weak.``."""
+        out = dict(self.strong.sharded_state_dict(f"{prefix}strong.", sharded_offsets, metadata))
+        out.update(self.weak.sharded_state_dict(f"{prefix}weak.", sharded_offsets, metadata))
+        return out
+
+
+def _tied_embedding_weights(joint: JointGPTModel):
+    for model in (joint.strong, joint.weak):
+        if model.share_embeddings_and_output_weights:
+            weight = model.shared_embedding_or_output_weight()
+            if weight is not None and weight.requires_grad:
+                yield weight
+
+
+def finalize_joint_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
+    """megatron's ``finalize_model_grads`` plus the tied-embedding reduction of both models.
+
+    With pipeline parallelism and tied embeddings, the first stage's input embedding and the
+    last stage's output layer are copies of one weight; their gradients are summed over the
+    embedding group, for the strong and the weak model alike.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_attr_wrapped_model
+
+    finalize_model_grads(model_chunks, num_tokens, **kwargs)
+    group = parallel_state.get_embedding_group(check_initialized=False)
+    if group is None or dist.get_world_size(group=group) == 1:
+        return
+    if dist.get_rank() not in dist.get_process_group_ranks(group):
+        return
+    chunk = model_chunks[0] if parallel_state.is_pipeline_first_stage() else model_chunks[-1]
+    joint = get_attr_wrapped_model(chunk, "strong", return_model_obj=True)
+    for weight in _tied_embedding_weights(joint):
+        grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+        if grad is not None:
+            dist.all_reduce(grad, group=group)

@@ -1,0 +1,135 @@
+"""Assemble what a training run holds: DDP-wrapped model, megatron optimizer, LR schedule.
+
+One function for both paths: plain SFT of one model (phase 1) and joint strong/weak training
+(phase 3). Call after megatron's parallel state is initialized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_wmss.config import (
+    MixConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    check_same_architecture,
+)
+from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
+
+__all__ = ["TrainingSetup", "is_weak_param", "setup_training"]
+
+
+@dataclass
+class TrainingSetup:
+    """Everything ``train_step`` needs; ``mix`` is None for single-model SFT."""
+
+    model: list  # megatron-DDP-wrapped model chunks (one: no virtual pipeline)
+    optimizer: object  # megatron MegatronOptimizer
+    scheduler: object  # megatron OptimizerParamScheduler
+    mix: Optional[MixConfig]
+    step: int = 0
+
+    @property
+    def unwrapped(self):
+        """The model inside DDP: a ``JointGPTModel`` or a ``GPTModel``."""
+        return self.model[0].module
+
+
+def is_weak_param(name: str) -> bool:
+    """True for parameters of the weak model of a joint model (``[module.]weak.…``)."""
+    return ".weak." in f".{name}"
+
+
+def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int):
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = cfg.params_dtype == "bfloat16"
+    opt_cfg = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=False,
+    )
+    overrides = get_standard_config_overrides(opt_cfg)
+    if optim.weak_lr is not None:
+        weak = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name="weak_model", fn=lambda param, name: is_weak_param(name)))
+        overrides[weak] = {"max_lr": optim.weak_lr,
+                           "min_lr": optim.min_lr * optim.weak_lr_mult}
+    optimizer = get_megatron_optimizer(opt_cfg, chunks, config_overrides=overrides)
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=optim.lr_schedule, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def setup_training(
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    total_steps: int,
+    mix: Optional[MixConfig] = None,
+    weak_cfg: Optional[ModelConfig] = None,
+    seed: int = 1234,
+) -> TrainingSetup:
+    """Build the model(s) for this rank's stage, wrap in megatron DDP, build optimizer/schedule.
+
+    ``mix=None`` gives plain SFT of one model; otherwise a :class:`JointGPTModel` whose weak
+    model uses ``weak_cfg`` (default: ``model_cfg``). Weights are freshly initialized from
+    ``seed``; load checkpoints afterwards to start from trained models.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size):
+        raise ValueError(f"ParallelConfig says tp={parallel.tensor_model_parallel_size}, "
+                         f"pp={parallel.pipeline_model_parallel_size} but megatron's parallel "
+                         f"state was initialized with tp={tp}, pp={pp}")
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    stage = dict(pre_process=parallel_state.is_pipeline_first_stage(),
+                 post_process=parallel_state.is_pipeline_last_stage())
+    model = build_gpt_model(model_cfg, parallel, **stage)
+    if mix is not None:
+        weak_cfg = weak_cfg or model_cfg
+        check_same_architecture(model_cfg, weak_cfg)
+        weak = build_gpt_model(weak_cfg, parallel, **stage)
+        model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
+
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+        module=model,
+    )
+    chunks = [ddp]
+    optimizer, scheduler = _optimizer(chunks, model_cfg, optim, total_steps)
+    config = model.config  # the object megatron's schedule reads (DDP shares it)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = (
+        finalize_joint_model_grads if mix is not None else finalize_model_grads)
+    config.grad_scale_func = optimizer.scale_loss
+    return TrainingSetup(model=chunks, optimizer=optimizer, scheduler=scheduler, mix=mix)
+
