@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -70,7 +71,9 @@ def _rank_main(
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-        results.put((rank, True, value))
+        # Plain pickle copies tensors by value; torch's queue reducers would share memory
+        # that vanishes with this process before the parent reads it.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, False, traceback.format_exc()))
 
@@ -118,13 +121,36 @@ def run_distributed(
         ]
         for proc in procs:
             proc.start()
+        ok = False
         try:
-            return _collect(procs, results, world_size, timeout, fn)
+            values = _collect(procs, results, world_size, timeout, fn)
+            ok = True
+            return [pickle.loads(v) for v in values]
         finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
-                proc.join(timeout=10)
+            _stop(procs, grace=30.0 if ok else 0.0)
+
+
+def _stop(procs, grace: float) -> None:
+    """Let finished ranks exit (within ``grace`` s), then kill every rank with its children:
+    a rank's helpers (dist_checkpointing's writer Manager) must not outlive it."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        proc.join(timeout=max(deadline - time.monotonic(), 0.0))
+    for proc in procs:
+        if proc.is_alive():
+            try:
+                tree = psutil.Process(proc.pid)
+                victims = tree.children(recursive=True) + [tree]
+            except psutil.NoSuchProcess:
+                victims = []
+            for victim in victims:
+                try:
+                    victim.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        proc.join(timeout=10)
 
 
 def _collect(procs, results, world_size, timeout, fn) -> list[Any]:

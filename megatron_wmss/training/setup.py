@@ -20,6 +20,7 @@ from megatron_wmss.config import (
     check_same_architecture,
 )
 from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
+from megatron_wmss.platform import apply_cpu_shims
 
 __all__ = ["TrainingSetup", "is_weak_param", "setup_training"]
 
@@ -102,6 +103,7 @@ def setup_training(
 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    apply_cpu_shims()  # no-op on CUDA; lets torchrun-launched CPU runs use megatron-core
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if (tp, pp) != (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size):
