@@ -165,12 +165,3 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("ParallelConfig.sequence_parallel needs "
                              "tensor_model_parallel_size > 1")
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel replicas for ``world_size`` ranks; ValueError if it does not divide."""
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not a multiple of tensor x pipeline "
-                             f"parallel size {model_parallel}")
-        return world_size // model_parallel
-

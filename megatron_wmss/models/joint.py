@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics
+from megatron_wmss.loss import mixed_cross_entropy
 from megatron_wmss.loss.vocab_parallel import check_mix_lambda
 
 __all__ = ["JointGPTModel", "finalize_joint_model_grads"]
@@ -91,12 +91,6 @@ class JointGPTModel(MegatronModule):
             return strong_out, weak_out
         return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
                                    tp_group=self.tp_group)
-
-    @torch.no_grad()
-    def diagnostics(self, strong_logits, weak_logits, labels):
-        """Per-token statistics of the strong, weak and mixed distributions (see loss/)."""
-        return mixed_logit_diagnostics(strong_logits, weak_logits, labels, self.mix_lambda,
-                                       tp_group=self.tp_group)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Both models' megatron sharded state dicts under ``strong.`` and ``weak.``."""

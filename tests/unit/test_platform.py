@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from megatron_wmss.platform import backends
 
 
@@ -18,41 +20,39 @@ def test_importing_the_package_loads_no_gpu_library():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_without_cuda_gpu_libraries_are_never_imported(monkeypatch):
-    imported = []
+@pytest.fixture
+def fake_host(monkeypatch):
+    """Pretend CUDA is (or is not) present and record module imports instead of doing them."""
+    imported: list[str] = []
+
+    def configure(cuda: bool, import_module=imported.append):
+        monkeypatch.setattr(backends, "cuda_available", lambda: cuda)
+        monkeypatch.setattr(backends.importlib, "import_module", import_module)
+        return imported
+
     backends._importable.cache_clear()
-    monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    monkeypatch.setattr(backends.importlib, "import_module", imported.append)
-    try:
-        assert not backends.te_available() and not backends.apex_available()
-        assert backends.default_device().type == "cpu"
-        assert imported == []
-    finally:
-        backends._importable.cache_clear()
+    yield configure
+    backends._importable.cache_clear()
 
 
-def test_broken_transformer_engine_counts_as_absent(monkeypatch):
+def test_without_cuda_gpu_libraries_are_never_imported(fake_host):
+    imported = fake_host(cuda=False)
+    assert not backends.te_available() and not backends.apex_available()
+    assert backends.default_device().type == "cpu"
+    assert imported == []
+
+
+def test_broken_transformer_engine_counts_as_absent(fake_host):
     # A TE wheel without its CUDA libraries raises RuntimeError at import, not ImportError.
     def broken_import(name):
         raise RuntimeError(f"{name}: libcudart.so not found")
 
-    backends._importable.cache_clear()
-    monkeypatch.setattr(backends, "cuda_available", lambda: True)
-    monkeypatch.setattr(backends.importlib, "import_module", broken_import)
-    try:
-        assert backends.te_available() is False
-        assert backends.apex_available() is False
-    finally:
-        backends._importable.cache_clear()
+    fake_host(cuda=True, import_module=broken_import)
+    assert backends.te_available() is False
+    assert backends.apex_available() is False
 
 
-def test_working_transformer_engine_is_detected_when_cuda_exists(monkeypatch):
-    seen = []
-    backends._importable.cache_clear()
-    monkeypatch.setattr(backends, "cuda_available", lambda: True)
-    monkeypatch.setattr(backends.importlib, "import_module", seen.append)
-    try:
-        assert backends.te_available() is True
-        assert seen == ["transformer_engine.pytorch"]
-    finally:
-        backends._importable.cache_clear()
+def test_working_transformer_engine_is_detected_when_cuda_exists(fake_host):
+    imported = fake_host(cuda=True)
+    assert backends.te_available() is True
+    assert imported == ["transformer_engine.pytorch"]
