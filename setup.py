@@ -23,6 +23,7 @@ setup(
         "sentencepiece>=0.2",
         "datasets>=3.0",
         "transformers>=4.51",
+        "safetensors>=0.4",
         # Chat templates render with Jinja; transformers does not declare it.
         "jinja2>=3.1",
     ],

@@ -44,10 +44,34 @@ def _train_tokenizer(argv: Sequence[str]) -> int:
     return train_tokenizer_main(list(argv))
 
 
+def _import_hf(argv: Sequence[str]) -> int:
+    from megatron_wmss.interop.cli import import_main
+
+    return import_main(list(argv))
+
+
+def _export_hf(argv: Sequence[str]) -> int:
+    from megatron_wmss.interop.cli import export_main
+
+    return export_main(list(argv))
+
+
+def _extract(argv: Sequence[str]) -> int:
+    from megatron_wmss.interop.cli import extract_main
+
+    return extract_main(list(argv))
+
+
 # name -> (help, handler taking the command's own arguments)
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "env": ("show versions and which GPU libraries are usable", _env),
     "train-tokenizer": ("train a SentencePiece tokenizer on a text/JSONL corpus", _train_tokenizer),
+    "import-hf": ("convert a Hugging Face Llama/Qwen2/Qwen3 model into a megatron checkpoint",
+                  _import_hf),
+    "export-hf": ("write a megatron checkpoint (or one half of a joint one) as a Hugging Face "
+                  "model", _export_hf),
+    "extract": ("write the strong (or weak) model of a joint checkpoint as a single-model "
+                "megatron checkpoint", _extract),
 }
 
 

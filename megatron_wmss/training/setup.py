@@ -21,6 +21,7 @@ from megatron_wmss.config import (
 )
 from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
 from megatron_wmss.platform import apply_cpu_shims
+from megatron_wmss.training.checkpoint import load_model_checkpoint
 
 __all__ = ["TrainingSetup", "is_weak_param", "setup_training"]
 
@@ -39,6 +40,20 @@ class TrainingSetup:
     def unwrapped(self):
         """The model inside DDP: a ``JointGPTModel`` or a ``GPTModel``."""
         return self.model[0].module
+
+    def load_weights(self, directory, prefix: str = "") -> None:
+        """Collectively load model weights from a checkpoint of any layout (see
+        :func:`~megatron_wmss.training.checkpoint.load_model_checkpoint`), then refresh the
+        optimizer's copies of them."""
+        load_model_checkpoint(self.model[0], directory, prefix)
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Call after weights were changed outside the optimizer (e.g. by
+        ``interop.load_joint_from_checkpoints``): with bf16 parameters the optimizer keeps fp32
+        main copies, which would otherwise still hold the old weights and overwrite the new
+        ones at the next step."""
+        self.optimizer.reload_model_params()
 
 
 def is_weak_param(name: str) -> bool:

@@ -263,3 +263,45 @@ def test_lambda_one_is_sft_and_lambda_zero_freezes_strong(tmp_path):
             assert len(strong) == 1 and len(weak) == 1
             assert strong.pop() == pytest.approx(want, rel=1e-9, abs=1e-12), step
             assert weak.pop() == pytest.approx(2 * want, rel=1e-9, abs=1e-12), step
+
+
+def _bf16_main_params_follow_loaded_weights(workdir):
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
+    from megatron_wmss.training import setup_training
+    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+
+    cfg = _model_config()
+    cfg.params_dtype = "bfloat16"
+    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
+                              ps.get_pipeline_model_parallel_world_size())
+
+    def build(seed):
+        return setup_training(cfg, parallel, OptimConfig(lr=1e-3), STEPS, mix=MixConfig(),
+                              seed=seed)
+
+    save_model_checkpoint(build(1).model[0], f"{workdir}/bf16")
+    result = {}
+    for how in ("load_weights", "bare_load"):
+        setup = build(2)
+        if how == "load_weights":
+            setup.load_weights(f"{workdir}/bf16")
+        else:
+            load_model_checkpoint(setup.model[0], f"{workdir}/bf16")
+        opt = setup.optimizer.chained_optimizers[0] if hasattr(
+            setup.optimizer, "chained_optimizers") else setup.optimizer
+        pairs = [(model_p, main_p) for models, mains in
+                 zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                 for model_p, main_p in zip(models, mains)]
+        result[how] = bool(pairs) and all(torch.equal(main_p, model_p.float())
+                                          for model_p, main_p in pairs)
+    return result
+
+
+def test_loading_bf16_weights_refreshes_the_optimizer_main_params(tmp_path):
+    # bf16 parameters train through fp32 main copies held by the optimizer: a load that does
+    # not refresh them would be silently undone by the next optimizer step.
+    result = run_distributed(_bf16_main_params_follow_loaded_weights, world_size=1,
+                             args=(str(tmp_path),), timeout=300)[0]
+    assert result == {"load_weights": True, "bare_load": False}

@@ -1,4 +1,7 @@
-"""Run a function on N gloo processes with a megatron-core parallel state: the test harness.
+"""Run a function on N local processes with a megatron-core parallel state.
+
+The distributed test harness, and the single-node launcher of commands such as ``wmss
+import-hf`` (multi-node jobs use torchrun / Slurm instead).
 
 ``run_distributed(fn, world_size, tp=2, pp=1)`` spawns ``world_size`` processes, joins them in
 one gloo process group (a ``FileStore`` in a fresh temporary directory, so concurrent runs never
