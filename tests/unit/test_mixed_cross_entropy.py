@@ -175,3 +175,22 @@ def test_diagnostic_means_ignore_unsupervised_tokens():
     valid = target != -100
     want = naive_statistics(strong, target)["entropy"][valid].mean()
     assert stats.means()["entropy"] == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_only_one_fp32_logit_sized_tensor(dtype):
+    # Activation memory is the bottleneck at V/tp ~ 76k columns: the loss may keep the fp32
+    # softmax and nothing else logit-sized (not the inputs, not a second mixed copy).
+    strong, weak, target, _ = make_case(12, (6, 5), 64, dtype)
+    s, w = strong.clone().requires_grad_(), weak.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixed_cross_entropy(s, w, target, 0.5)
+    logit_sized = [(shape, dt) for shape, dt in saved if len(shape) == 2 and shape[-1] == 64]
+    assert logit_sized == [((30, 64), torch.float32)]
+    assert all(len(shape) <= 1 for shape, _ in saved if (shape, _) not in logit_sized)
