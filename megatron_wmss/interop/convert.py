@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ __all__ = [
     "hf_state_dict",
     "import_hf",
     "model_for_checkpoint",
+    "save_with_metadata",
     "shared_tmp_dir",
 ]
 
@@ -77,6 +79,19 @@ def shared_tmp_dir(out: Path, tag: str) -> Path:
     box = [str(tmp_sibling(out, tag))]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
+
+
+def save_with_metadata(model, out: Path, overwrite: bool, tag: str,
+                       write_metadata: Callable[[Path], None]) -> Path:
+    """Collectively write ``model``'s checkpoint, and rank 0's metadata files, into a temporary
+    sibling of ``out``; then publish it as ``out`` in one rename."""
+    tmp = shared_tmp_dir(out, tag)
+    save_model_checkpoint(model, tmp, overwrite=True)
+    if dist.get_rank() == 0:
+        write_metadata(tmp)
+        publish(tmp, out, overwrite)
+    dist.barrier()
+    return out
 
 
 def build_stage_model(cfg: ModelConfig, seed: int = 0):
@@ -172,14 +187,10 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrit
 
     model = build_stage_model(cfg)
     _fill_from_hf(model, cfg, weights)
-    tmp = shared_tmp_dir(out, "import")
-    save_model_checkpoint(model, tmp, overwrite=True)
-    if dist.get_rank() == 0:
-        write_model_metadata(tmp, cfg, hf_architecture=arch, hf_dtype=stored,
-                             hf_config=hf_config, tokenizer_src=hf_dir)
-        publish(tmp, out, overwrite)
-    dist.barrier()
-    return out
+    return save_with_metadata(
+        model, out, overwrite, "import",
+        lambda tmp: write_model_metadata(tmp, cfg, hf_architecture=arch, hf_dtype=stored,
+                                         hf_config=hf_config, tokenizer_src=hf_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,10 +327,5 @@ def extract_megatron(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"which must be 'strong' or 'weak', got {which!r}")
     meta_dir = Path(model_from) if model_from else ckpt
     _, model, _ = _load_for_export(ckpt, which, str(meta_dir))
-    tmp = shared_tmp_dir(out, "extract")
-    save_model_checkpoint(model, tmp, overwrite=True)
-    if dist.get_rank() == 0:
-        copy_model_metadata(meta_dir, tmp)
-        publish(tmp, out, overwrite)
-    dist.barrier()
-    return out
+    return save_with_metadata(model, out, overwrite, "extract",
+                              lambda tmp: copy_model_metadata(meta_dir, tmp))

@@ -11,19 +11,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_wmss.config import ModelConfig, check_same_architecture
 from megatron_wmss.interop.convert import (
     build_stage_model,
     checkpoint_padded_vocab,
     model_for_checkpoint,
-    shared_tmp_dir,
+    save_with_metadata,
 )
-from megatron_wmss.interop.hf_io import check_output_dir, publish
+from megatron_wmss.interop.hf_io import check_output_dir
 from megatron_wmss.interop.metadata import copy_model_metadata, read_model_metadata
 from megatron_wmss.models import JointGPTModel
-from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from megatron_wmss.training.checkpoint import load_model_checkpoint, unwrap_model
 
 __all__ = ["check_checkpoints_compatible", "load_joint_from_checkpoints",
            "write_joint_checkpoint"]
@@ -42,12 +40,6 @@ def check_checkpoints_compatible(strong_dir: str | os.PathLike, weak_dir: str | 
     return strong, weak
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def load_joint_from_checkpoints(joint, strong_dir: str | os.PathLike,
                                 weak_dir: str | os.PathLike) -> None:
     """Collectively load the strong and weak halves of ``joint`` from single-model checkpoints.
@@ -57,7 +49,7 @@ def load_joint_from_checkpoints(joint, strong_dir: str | os.PathLike,
     checkpoint was imported or trained at).
     """
     check_checkpoints_compatible(strong_dir, weak_dir)
-    model = _unwrap(joint)
+    model = unwrap_model(joint)
     if not isinstance(model, JointGPTModel):
         raise TypeError(f"expected a JointGPTModel (optionally wrapped), got {type(model)}")
     for half, directory in ((model.strong, strong_dir), (model.weak, weak_dir)):
@@ -84,10 +76,5 @@ def write_joint_checkpoint(strong_dir: str | os.PathLike, weak_dir: str | os.Pat
         halves.append(build_stage_model(model_for_checkpoint(cfg, rows, str(directory))))
     joint = JointGPTModel(*halves)
     load_joint_from_checkpoints(joint, strong_dir, weak_dir)
-    tmp = shared_tmp_dir(out, "joint")
-    save_model_checkpoint(joint, tmp, overwrite=True)
-    if dist.get_rank() == 0:
-        copy_model_metadata(strong_dir, tmp)
-        publish(tmp, out, overwrite)
-    dist.barrier()
-    return out
+    return save_with_metadata(joint, Path(out), overwrite, "joint",
+                              lambda tmp: copy_model_metadata(strong_dir, tmp))

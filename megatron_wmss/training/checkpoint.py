@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["load_model_checkpoint", "save_model_checkpoint"]
+__all__ = ["load_model_checkpoint", "save_model_checkpoint", "unwrap_model"]
 
 
-def _unwrap(model):
+def unwrap_model(model):
+    """The megatron module inside DDP (or any ``.module`` wrappers)."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -46,7 +47,7 @@ def save_model_checkpoint(model, directory: str | os.PathLike, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), str(tmp))
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():
@@ -69,7 +70,7 @@ def load_model_checkpoint(model, directory: str | os.PathLike, prefix: str = "")
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint "
                                 "(no metadata.json)")
-    module = _unwrap(model)
+    module = unwrap_model(model)
     state = dist_checkpointing.load(module.sharded_state_dict(prefix=prefix), str(path))
     if prefix:
         state = {key[len(prefix):]: value for key, value in state.items()}
