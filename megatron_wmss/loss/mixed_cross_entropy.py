@@ -43,9 +43,9 @@ class _MixedCrossEntropy(torch.autograd.Function):
     Megatron's own vocab-parallel CE issues three all-reduces (MAX, SUM, SUM); the two SUMs are
     fused here.
 
-    Saved for backward: the fp32 softmax of the mixed logits ``[t, v]`` (the only large tensor;
+    Saved for backward: ``exp(z_mix − rowmax)`` in fp32 ``[t, v]`` (the only large tensor;
     backward turns it into the gradient in place, so a second backward through the same graph
-    is refused by autograd's version check), plus ``[t]`` index and mask tensors.
+    is refused by autograd's version check), plus ``[t]`` sums, indices and masks.
 
     Unlike ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``, which subtracts the
     row max from its input logits in place, this function never writes to its inputs: the
@@ -73,15 +73,15 @@ class _MixedCrossEntropy(torch.autograd.Function):
         target_logit_t = mixed_tv.gather(-1, local_target_t.unsqueeze(-1)).squeeze(-1)
         target_logit_t = torch.where(in_shard_t, target_logit_t, 0.0)
 
-        probs_tv = mixed_tv.exp_()
-        sums_2t = torch.stack([target_logit_t, probs_tv.sum(dim=-1)])
+        exp_tv = mixed_tv.exp_()
+        sums_2t = torch.stack([target_logit_t, exp_tv.sum(dim=-1)])
         all_reduce_sum(sums_2t, tp_group)
         target_logit_t, sum_exp_t = sums_2t[0], sums_2t[1]
 
         loss_t = torch.where(valid_t, torch.log(sum_exp_t) - target_logit_t, 0.0)
-        probs_tv.div_(sum_exp_t.unsqueeze(-1))
-
-        ctx.save_for_backward(probs_tv, local_target_t, in_shard_t, valid_t)
+        # The softmax is exp / sum_exp; the division waits for backward, where it folds into
+        # the scaling by the incoming gradient (one pass over [t, v] instead of two).
+        ctx.save_for_backward(exp_tv, sum_exp_t, local_target_t, in_shard_t, valid_t)
         ctx.mix_lambda = mix_lambda
         ctx.logit_shape = strong_logits.shape
         ctx.dtypes = (strong_logits.dtype, weak_logits.dtype)
@@ -89,16 +89,15 @@ class _MixedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        probs_tv, local_target_t, in_shard_t, valid_t = ctx.saved_tensors
+        exp_tv, sum_exp_t, local_target_t, in_shard_t, valid_t = ctx.saved_tensors
         lam = ctx.mix_lambda
         want_strong, want_weak = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
-        # g = (softmax − onehot(y)) · dloss, built in the saved buffer.
-        grad_mixed_tv = probs_tv
-        onehot_t = in_shard_t.to(torch.float32).unsqueeze(-1)
-        grad_mixed_tv.scatter_add_(-1, local_target_t.unsqueeze(-1), -onehot_t)
+        # g = (exp / sum_exp − onehot(y)) · dloss, built in the saved buffer.
         grad_loss_t = torch.where(valid_t, grad_loss.reshape(-1).to(torch.float32), 0.0)
-        grad_mixed_tv.mul_(grad_loss_t.unsqueeze(-1))
+        grad_mixed_tv = exp_tv.mul_((grad_loss_t / sum_exp_t).unsqueeze(-1))
+        onehot_t = torch.where(in_shard_t, grad_loss_t, 0.0).unsqueeze(-1)
+        grad_mixed_tv.scatter_add_(-1, local_target_t.unsqueeze(-1), -onehot_t)
 
         grad_strong = grad_weak = None
         if want_strong:

@@ -127,9 +127,13 @@ def mixed_logits_fp32(
         return strong_tv.to(torch.float32, copy=True)
     if mix_lambda == 0.0:
         return weak_tv.to(torch.float32, copy=True)
-    mixed_tv = strong_tv.to(torch.float32, copy=True)
+    if strong_tv.dtype == torch.float32:
+        mixed_tv = strong_tv * mix_lambda  # one pass, and a new tensor
+    else:
+        # Upcast before scaling: ``bf16 * float`` would round λ·z to bf16 first.
+        mixed_tv = strong_tv.to(torch.float32).mul_(mix_lambda)
     # add_ promotes a bf16 ``weak`` to fp32 element-wise: no fp32 copy of it is made.
-    return mixed_tv.mul_(mix_lambda).add_(weak_tv, alpha=1.0 - mix_lambda)
+    return mixed_tv.add_(weak_tv, alpha=1.0 - mix_lambda)
 
 
 def target_in_shard(
