@@ -36,6 +36,8 @@ class MixConfig:
                              f"{self.lambda_ramp_steps!r}")
         if self.lambda_ramp_steps and self.lambda_start is None:
             raise ValueError("MixConfig.lambda_start is required when lambda_ramp_steps > 0")
+        if not self.lambda_ramp_steps and self.lambda_start is not None:
+            raise ValueError("MixConfig.lambda_start has no effect without lambda_ramp_steps > 0")
         if self.lambda_start is not None:
             _in_unit_interval("MixConfig", "lambda_start", self.lambda_start)
 
@@ -85,7 +87,10 @@ class OptimConfig:
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError("OptimConfig.warmup_fraction must be in [0, 1), got "
                              f"{self.warmup_fraction}")
-        for name in ("weight_decay", "adam_eps", "clip_grad"):
+        if not self.adam_eps > 0:
+            # eps = 0 turns an exactly-zero gradient (the weak model at λ=1) into NaN.
+            raise ValueError(f"OptimConfig.adam_eps must be > 0, got {self.adam_eps}")
+        for name in ("weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2"):

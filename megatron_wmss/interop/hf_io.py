@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_wmss.platform.files import replace_directory
+
 __all__ = [
     "INDEX_FILE",
     "SINGLE_FILE",
@@ -185,11 +187,7 @@ def tmp_sibling(path: str | os.PathLike, tag: str) -> Path:
 def publish(tmp: Path, final: Path, overwrite: bool) -> None:
     """Move a finished ``tmp`` directory to ``final`` (replacing it only with ``overwrite``)."""
     check_output_dir(final, overwrite)
-    if final.exists():
-        # Not atomic as a pair: a crash between the two calls leaves no ``final`` but a
-        # complete ``tmp`` next to it, never a half-written ``final``.
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_directory(tmp, final)
 
 
 @contextlib.contextmanager

@@ -87,7 +87,8 @@ def token_statistics(
         e_tv = z_tv.exp()
         sums.append(torch.stack([
             e_tv.sum(dim=-1),                       # S = Σ e^z'
-            (e_tv * z_tv).sum(dim=-1),              # Σ e^z' z'
+            # e^z' z' → 0 as z' → −inf; masked (−inf) columns would give 0·inf = nan.
+            torch.where(e_tv > 0, e_tv * z_tv, 0.0).sum(dim=-1),  # Σ e^z' z'
             torch.where(in_shard_t, z_target_t, 0.0),
             z_sum_t,
             z_sq_sum_t,

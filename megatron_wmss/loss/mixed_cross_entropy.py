@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from megatron_wmss.loss.vocab_parallel import (
     all_reduce_max_checked,
@@ -88,6 +89,7 @@ class _MixedCrossEntropy(torch.autograd.Function):
         return loss_t.view(target.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         exp_tv, sum_exp_t, local_target_t, in_shard_t, valid_t = ctx.saved_tensors
         lam = ctx.mix_lambda

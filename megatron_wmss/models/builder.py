@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_wmss.config import ModelConfig, ParallelConfig
-from megatron_wmss.platform import cuda_available, te_available
+from megatron_wmss.platform import apex_available, cuda_available, te_available
 
 __all__ = [
     "build_gpt_model",
@@ -42,7 +42,8 @@ def use_transformer_engine(cfg: ModelConfig, te_usable: Optional[bool] = None) -
 
 
 def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
-                              on_cuda: Optional[bool] = None) -> dict:
+                              on_cuda: Optional[bool] = None,
+                              has_apex: Optional[bool] = None) -> dict:
     """Keyword arguments of megatron-core's ``TransformerConfig`` for ``cfg`` at this layout.
 
     A plain dict so the mapping (FP8 included) is testable where TE cannot be imported.
@@ -52,8 +53,12 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
     micro-batches and data-parallel ranks.
     """
     cfg.check_parallel(parallel)
+    if parallel.sequence_parallel and not use_te:
+        raise ValueError("ParallelConfig.sequence_parallel needs the Transformer Engine layer "
+                         "spec (megatron's local spec has no sequence-parallel norm)")
     dtype = _TORCH_DTYPES[cfg.params_dtype]
     on_cuda = cuda_available() if on_cuda is None else on_cuda
+    has_apex = apex_available() if has_apex is None else has_apex
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -81,9 +86,11 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
         calculate_per_token_loss=True,
         bias_activation_fusion=on_cuda,
         bias_dropout_fusion=on_cuda,
-        masked_softmax_fusion=on_cuda,
+        # Apex kernels: the local spec's fused softmax, and the fused weight-gradient GEMM
+        # that megatron's own output layer uses even next to Transformer Engine layers.
+        masked_softmax_fusion=on_cuda and has_apex,
         apply_rope_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
+        gradient_accumulation_fusion=use_te and has_apex,
         persist_layer_norm=False,
     )
     if cfg.fp8 is not None:

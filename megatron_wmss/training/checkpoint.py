@@ -3,7 +3,8 @@
 A checkpoint written at one tensor/pipeline layout loads at any other: megatron's sharded
 state dicts carry each tensor's global shape and offsets. Writes are atomic: ranks write into
 ``<dir>.tmp-<pid>`` and rank 0 renames it into place after everyone finished, so a crash never
-leaves a half-written checkpoint under the final name.
+leaves a half-written checkpoint under the final name (and an overwrite keeps the old one aside
+until the new one is in place).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from megatron_wmss.platform.files import replace_directory
 
 __all__ = ["load_model_checkpoint", "save_model_checkpoint", "unwrap_model"]
 
@@ -50,9 +53,7 @@ def save_model_checkpoint(model, directory: str | os.PathLike, overwrite: bool =
     dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     dist.barrier()
     return final
 

@@ -95,6 +95,18 @@ def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int):
     return optimizer, scheduler
 
 
+def _check_joint(strong: ModelConfig, weak: ModelConfig, mix: MixConfig,
+                 optim: OptimConfig) -> None:
+    check_same_architecture(strong, weak)
+    if weak.params_dtype != strong.params_dtype:
+        # One optimizer and one pipeline p2p dtype serve both models.
+        raise ValueError(f"strong and weak models differ in params_dtype: strong="
+                         f"{strong.params_dtype!r}, weak={weak.params_dtype!r}")
+    if mix.freeze_weak and optim.weak_lr is not None:
+        raise ValueError(f"OptimConfig.weak_lr={optim.weak_lr} has no effect with "
+                         "MixConfig.freeze_weak=True; unset one of them")
+
+
 def setup_training(
     model_cfg: ModelConfig,
     parallel: ParallelConfig,
@@ -118,6 +130,9 @@ def setup_training(
 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if mix is not None:
+        weak_cfg = weak_cfg or model_cfg
+        _check_joint(model_cfg, weak_cfg, mix, optim)
     apply_cpu_shims()  # no-op on CUDA; lets torchrun-launched CPU runs use megatron-core
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -130,8 +145,6 @@ def setup_training(
                  post_process=parallel_state.is_pipeline_last_stage())
     model = build_gpt_model(model_cfg, parallel, **stage)
     if mix is not None:
-        weak_cfg = weak_cfg or model_cfg
-        check_same_architecture(model_cfg, weak_cfg)
         weak = build_gpt_model(weak_cfg, parallel, **stage)
         model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
 

@@ -19,10 +19,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_wmss.data.collate import IGNORE_INDEX
 from megatron_wmss.models import JointGPTModel
-from megatron_wmss.platform import cuda_available
+from megatron_wmss.platform import cuda_available, default_device
 from megatron_wmss.training.setup import TrainingSetup
 
-__all__ = ["StepMetrics", "causal_attention_mask", "train_step"]
+__all__ = ["StepMetrics", "batch_to_device", "causal_attention_mask", "train_step"]
 
 
 @dataclass
@@ -55,8 +55,15 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"loss_sum_and_tokens": report}
 
 
+def batch_to_device(batch: dict, device) -> dict:
+    """The micro-batch's tensors on ``device`` (loaders yield CPU tensors; pinned memory makes
+    the copy asynchronous on CUDA)."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
 def _forward_step(data_iterator, model, *, joint: bool, seq_length: int):
-    batch = next(data_iterator)
+    batch = batch_to_device(next(data_iterator), default_device())
     tokens, labels = batch["tokens"], batch["labels"]
     if tokens.shape != labels.shape or tokens.shape[1] != seq_length:
         raise ValueError(f"micro-batch tokens {tuple(tokens.shape)} and labels "

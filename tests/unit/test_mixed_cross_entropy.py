@@ -194,3 +194,24 @@ def test_backward_keeps_only_one_fp32_logit_sized_tensor(dtype):
     logit_sized = [(shape, dt) for shape, dt in saved if len(shape) == 2 and shape[-1] == 64]
     assert logit_sized == [((30, 64), torch.float32)]
     assert all(len(shape) <= 1 for shape, _ in saved if (shape, _) not in logit_sized)
+
+
+def test_diagnostics_handle_masked_vocab_columns():
+    # Masking columns with -inf (e.g. padded vocab rows) must not turn entropies into nan.
+    strong, _, target, _ = make_case(13, (10,), 20, torch.float32, ignore_fraction=0.0)
+    target = target % 16
+    masked = strong.clone()
+    masked[:, 16:] = float("-inf")
+    (stats,) = token_statistics([masked], target)
+    want = naive_statistics(strong[:, :16], target)
+    torch.testing.assert_close(stats.entropy, want["entropy"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.target_prob, want["target_prob"], atol=1e-6, rtol=1e-5)
+
+
+def test_double_backward_is_refused_clearly():
+    strong, weak, target, grad = make_case(14, (4,), 10, torch.float32)
+    s = strong.clone().requires_grad_()
+    loss = mixed_cross_entropy(s, weak, target, 0.5)
+    (g,) = torch.autograd.grad(loss, s, grad.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        g.sum().backward()

@@ -102,7 +102,8 @@ def test_transformer_engine_is_chosen_only_when_usable():
 def test_fp8_settings_map_onto_megatron_transformer_config():
     cfg = tiny(fp8="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16,
                fp8_amax_compute_algo="most_recent", fp8_margin=1, params_dtype="bfloat16")
-    kw = transformer_config_kwargs(cfg, ParallelConfig(2, 2), use_te=True, on_cuda=True)
+    kw = transformer_config_kwargs(cfg, ParallelConfig(2, 2), use_te=True, on_cuda=True,
+                                   has_apex=True)
     assert (kw["fp8"], kw["fp8_recipe"], kw["fp8_amax_history_len"],
             kw["fp8_amax_compute_algo"], kw["fp8_margin"]) == (
         "hybrid", "tensorwise", 16, "most_recent", 1)
@@ -131,3 +132,45 @@ def test_local_spec_is_megatron_local_modules():
     attention = spec.submodules.self_attention.submodules
     assert "transformer_engine" not in repr(spec)
     assert attention.q_layernorm is not None
+
+
+def test_apex_fusions_are_requested_only_where_apex_exists():
+    # CUDA + TE without Apex: megatron's output layer would ask Apex for its fused wgrad GEMM,
+    # and the local spec's fused softmax is an Apex kernel too.
+    kw = transformer_config_kwargs(tiny(), ParallelConfig(), use_te=True, on_cuda=True,
+                                   has_apex=False)
+    assert not kw["gradient_accumulation_fusion"] and not kw["masked_softmax_fusion"]
+    assert kw["bias_activation_fusion"] and kw["apply_rope_fusion"]
+    kw = transformer_config_kwargs(tiny(), ParallelConfig(), use_te=False, on_cuda=True,
+                                   has_apex=True)
+    assert kw["masked_softmax_fusion"] and not kw["gradient_accumulation_fusion"]
+
+
+def test_sequence_parallel_needs_transformer_engine():
+    parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"ParallelConfig\.sequence_parallel needs the "
+                                         r"Transformer Engine"):
+        transformer_config_kwargs(tiny(), parallel, use_te=False)
+    assert transformer_config_kwargs(tiny(), parallel, use_te=True)["sequence_parallel"]
+
+
+def test_optimizer_and_mix_options_that_would_be_ignored_are_rejected():
+    with pytest.raises(ValueError, match=r"OptimConfig\.adam_eps must be > 0"):
+        OptimConfig(adam_eps=0.0)
+    with pytest.raises(ValueError, match="lambda_start has no effect"):
+        MixConfig(lambda_start=0.9)
+
+
+@pytest.mark.parametrize("weak_changes,optim,freeze,match", [
+    ({"params_dtype": "bfloat16"}, {}, False, "differ in params_dtype"),
+    ({"num_layers": 2}, {}, False, "differ in num_layers"),
+    ({}, {"weak_lr": 1e-4}, True, "weak_lr=0.0001 has no effect"),
+])
+def test_joint_setup_rejects_inconsistent_models_before_building(weak_changes, optim, freeze,
+                                                                 match):
+    from megatron_wmss.training import setup_training
+
+    # Raised before megatron's parallel state is consulted: no process group is needed.
+    with pytest.raises(ValueError, match=match):
+        setup_training(tiny(), ParallelConfig(), OptimConfig(**optim), 3,
+                       mix=MixConfig(freeze_weak=freeze), weak_cfg=tiny(**weak_changes))

@@ -56,3 +56,13 @@ def test_working_transformer_engine_is_detected_when_cuda_exists(fake_host):
     imported = fake_host(cuda=True)
     assert backends.te_available() is True
     assert imported == ["transformer_engine.pytorch"]
+
+
+def test_micro_batches_move_to_the_model_device():
+    import torch
+
+    from megatron_wmss.training import batch_to_device
+
+    batch = {"tokens": torch.zeros(2, 8, dtype=torch.long), "idx": [3, 4]}
+    moved = batch_to_device(batch, torch.device("meta"))
+    assert moved["tokens"].device.type == "meta" and moved["idx"] == [3, 4]
