@@ -99,8 +99,7 @@ def build_stage_model(cfg: ModelConfig, seed: int = 0):
     parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
                               ps.get_pipeline_model_parallel_world_size())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return build_gpt_model(cfg, parallel, pre_process=ps.is_pipeline_first_stage(),
-                           post_process=ps.is_pipeline_last_stage())
+    return build_gpt_model(cfg, parallel)
 
 
 def _module_tensors(model) -> dict[str, torch.Tensor]:

@@ -69,9 +69,9 @@ def token_statistics(
     target_t = target.reshape(-1).long()
     valid_t = target_t != ignore_index
 
-    # z' = z − rowmax keeps exp() in range; every statistic below is shift-invariant.
-    shifted = [x.reshape(-1, local_vocab).to(torch.float32, copy=True) for x in logits]
-    row_max_kt = torch.stack([z_tv.max(dim=-1).values for z_tv in shifted])
+    flat = [x.reshape(-1, local_vocab) for x in logits]
+    # The max of bf16 values is exact, so it can be taken before any fp32 copy exists.
+    row_max_kt = torch.stack([x_tv.max(dim=-1).values.float() for x_tv in flat])
     row_max_kt, vocab = all_reduce_max_checked(row_max_kt, local_vocab, tp_group)
     check_target_range(target_t, valid_t, vocab, ignore_index)
 
@@ -80,8 +80,10 @@ def token_statistics(
         target_t, valid_t, rank * local_vocab, local_vocab
     )
     sums = []
-    for z_tv, row_max_t in zip(shifted, row_max_kt):
-        z_tv.sub_(row_max_t.unsqueeze(-1))
+    for x_tv, row_max_t in zip(flat, row_max_kt):
+        # z' = z − rowmax keeps exp() in range; every statistic below is shift-invariant. One
+        # fp32 [t, v] tensor per distribution, made here and freed before the next.
+        z_tv = torch.sub(x_tv, row_max_t.unsqueeze(-1))
         z_target_t = z_tv.gather(-1, local_target_t.unsqueeze(-1)).squeeze(-1)
         z_sum_t, z_sq_sum_t = z_tv.sum(dim=-1), z_tv.square().sum(dim=-1)
         e_tv = z_tv.exp()

@@ -126,17 +126,24 @@ def build_gpt_model(
     cfg: ModelConfig,
     parallel: ParallelConfig,
     *,
-    pre_process: bool,
-    post_process: bool,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
     use_te: Optional[bool] = None,
 ):
     """One ``GPTModel`` for this rank's pipeline stage, on the default device.
 
     Call after megatron's parallel state and ``model_parallel_cuda_manual_seed`` are set up.
+    ``pre_process`` / ``post_process`` default to whether this rank holds the first / last
+    pipeline stage.
     """
+    from megatron.core import parallel_state
     from megatron.core.enums import ModelType
     from megatron.core.models.gpt import GPTModel
 
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
     te = use_transformer_engine(cfg) if use_te is None else use_te
     tc = transformer_config(cfg, parallel, use_te=te)
     model = GPTModel(

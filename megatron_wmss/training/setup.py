@@ -141,11 +141,9 @@ def setup_training(
                          f"pp={parallel.pipeline_model_parallel_size} but megatron's parallel "
                          f"state was initialized with tp={tp}, pp={pp}")
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    stage = dict(pre_process=parallel_state.is_pipeline_first_stage(),
-                 post_process=parallel_state.is_pipeline_last_stage())
-    model = build_gpt_model(model_cfg, parallel, **stage)
+    model = build_gpt_model(model_cfg, parallel)
     if mix is not None:
-        weak = build_gpt_model(weak_cfg, parallel, **stage)
+        weak = build_gpt_model(weak_cfg, parallel)
         model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
 
     ddp = DistributedDataParallel(
