@@ -48,3 +48,20 @@ def make_case(seed, tokens_shape, vocab, dtype, ignore_fraction=0.25, scale=3.0)
     target[ignored] = -100
     grad = torch.rand(tokens_shape, generator=gen)
     return strong, weak, target, grad
+
+
+def pad_columns(logits, padded_vocab, fill="zeros", seed=0):
+    """``logits`` ``[..., V]`` widened to ``padded_vocab`` columns, the new ones holding
+    ``fill``: "zeros" (an imported model's padded rows), "large" (random values far above
+    every real logit), "inf" or "nan"."""
+    shape = (*logits.shape[:-1], padded_vocab - logits.shape[-1])
+    if fill == "zeros":
+        extra = torch.zeros(shape)
+    elif fill == "large":
+        gen = torch.Generator().manual_seed(seed)
+        extra = 1e4 * (1 + torch.rand(shape, generator=gen))
+    elif fill in ("inf", "nan"):
+        extra = torch.full(shape, float(fill))
+    else:
+        raise ValueError(f"unknown fill {fill!r}")
+    return torch.cat([logits, extra.to(logits.dtype)], dim=-1)

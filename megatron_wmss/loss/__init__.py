@@ -5,10 +5,11 @@ from megatron_wmss.loss.diagnostics import (
     mixed_logit_diagnostics,
     token_statistics,
 )
-from megatron_wmss.loss.mixed_cross_entropy import mixed_cross_entropy
+from megatron_wmss.loss.mixed_cross_entropy import cross_entropy, mixed_cross_entropy
 
 __all__ = [
     "TokenStatistics",
+    "cross_entropy",
     "mixed_cross_entropy",
     "mixed_logit_diagnostics",
     "token_statistics",

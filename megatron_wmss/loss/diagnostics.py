@@ -3,8 +3,10 @@
 Per token (WMSS §8): entropy ``H = −Σ_k p_k log p_k`` (nats), target probability ``p_y``, logit
 margin ``z_y − mean_{k≠y} z_k``, and logit standard deviation over the vocabulary. Under SFT the
 strong model's margin grows and its non-target mass ``1 − p_y`` collapses; WMSS works by keeping
-the mixed distribution's non-target mass alive. All statistics are taken over the (padded)
-vocabulary the logits cover, from shard-local sums, without ever gathering the vocabulary.
+the mixed distribution's non-target mass alive. All statistics are taken over the real
+vocabulary (the first ``vocab_size`` global columns; all columns when it is None), from
+shard-local sums, without ever gathering the vocabulary: padded columns are sliced away, so
+margin and standard deviation stay finite whatever they hold.
 
 Shape legend: ``[..., v]`` local vocab shard, ``t`` flattened tokens, ``k`` distributions.
 """
@@ -23,7 +25,9 @@ from megatron_wmss.loss.vocab_parallel import (
     check_logits,
     check_mix_lambda,
     check_target_range,
+    check_vocab_size,
     mixed_logits_fp32,
+    real_columns_in_shard,
     shard_rank_and_size,
     target_in_shard,
 )
@@ -56,8 +60,10 @@ def token_statistics(
     target: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
     ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
 ) -> list[TokenStatistics]:
-    """Statistics of each ``[..., v]`` logits tensor in ``logits`` against ``target``.
+    """Statistics of each ``[..., v]`` logits tensor in ``logits`` against ``target``, over
+    the first ``vocab_size`` global columns (None: all).
 
     Collectives over ``tp_group``, shared by all distributions: one all-reduce MAX of
     ``[k·t + 2]`` and one all-reduce SUM of ``[k, 5, t]``, both fp32.
@@ -65,17 +71,21 @@ def token_statistics(
     if len(logits) == 0:
         raise ValueError("logits must hold at least one tensor")
     check_logits({f"logits[{i}]": x for i, x in enumerate(logits)}, target)
+    vocab_size = check_vocab_size(vocab_size)
     local_vocab = logits[0].shape[-1]
     target_t = target.reshape(-1).long()
     valid_t = target_t != ignore_index
-
-    flat = [x.reshape(-1, local_vocab) for x in logits]
-    # The max of bf16 values is exact, so it can be taken before any fp32 copy exists.
-    row_max_kt = torch.stack([x_tv.max(dim=-1).values.float() for x_tv in flat])
-    row_max_kt, vocab = all_reduce_max_checked(row_max_kt, local_vocab, tp_group)
-    check_target_range(target_t, valid_t, vocab, ignore_index)
-
     rank, _ = shard_rank_and_size(tp_group)
+
+    # Real columns come first in every shard; a view drops the padded ones.
+    real = real_columns_in_shard(vocab_size, rank * local_vocab, local_vocab)
+    flat = [x.reshape(-1, local_vocab)[:, :real] for x in logits]
+    # The max of bf16 values is exact, so it can be taken before any fp32 copy exists.
+    row_max_kt = torch.stack([_row_max(x_tv) for x_tv in flat])
+    row_max_kt, padded_vocab = all_reduce_max_checked(row_max_kt, local_vocab, tp_group)
+    check_target_range(target_t, valid_t, padded_vocab, ignore_index, vocab_size)
+    vocab = padded_vocab if vocab_size is None else vocab_size
+
     local_target_t, in_shard_t = target_in_shard(
         target_t, valid_t, rank * local_vocab, local_vocab
     )
@@ -84,7 +94,10 @@ def token_statistics(
         # z' = z − rowmax keeps exp() in range; every statistic below is shift-invariant. One
         # fp32 [t, v] tensor per distribution, made here and freed before the next.
         z_tv = torch.sub(x_tv, row_max_t.unsqueeze(-1))
-        z_target_t = z_tv.gather(-1, local_target_t.unsqueeze(-1)).squeeze(-1)
+        if real:
+            z_target_t = z_tv.gather(-1, local_target_t.unsqueeze(-1)).squeeze(-1)
+        else:  # a shard of padding only holds no target
+            z_target_t = torch.zeros_like(row_max_t)
         z_sum_t, z_sq_sum_t = z_tv.sum(dim=-1), z_tv.square().sum(dim=-1)
         e_tv = z_tv.exp()
         sums.append(torch.stack([
@@ -114,6 +127,13 @@ def token_statistics(
     return out
 
 
+def _row_max(x_tv: torch.Tensor) -> torch.Tensor:
+    """fp32 row max; −inf for a shard with no real column (it then adds nothing to the sums)."""
+    if x_tv.shape[-1] == 0:
+        return torch.full(x_tv.shape[:1], -torch.inf, dtype=torch.float32, device=x_tv.device)
+    return x_tv.max(dim=-1).values.float()
+
+
 def _masked(values_t: torch.Tensor, valid_t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.where(valid_t, values_t, 0.0).view(shape)
 
@@ -126,11 +146,13 @@ def mixed_logit_diagnostics(
     mix_lambda: float,
     tp_group: Optional[dist.ProcessGroup] = None,
     ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
 ) -> dict[str, TokenStatistics]:
     """Statistics of the ``"strong"``, ``"weak"`` and ``"mixed"`` distributions (same arguments
     as :func:`~megatron_wmss.loss.mixed_cross_entropy`). Inputs are not modified."""
     check_logits({"strong_logits": strong_logits, "weak_logits": weak_logits}, target)
     lam = check_mix_lambda(mix_lambda)
     mixed = mixed_logits_fp32(strong_logits, weak_logits, lam)
-    stats = token_statistics([strong_logits, weak_logits, mixed], target, tp_group, ignore_index)
+    stats = token_statistics([strong_logits, weak_logits, mixed], target, tp_group, ignore_index,
+                             vocab_size)
     return dict(zip(("strong", "weak", "mixed"), stats))

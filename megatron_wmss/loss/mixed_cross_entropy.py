@@ -8,6 +8,13 @@ models' cross-entropies. Under tensor parallelism every rank holds the same voca
 models (same tokenizer, same padding), so the mix is shard-local and the reduction is that of
 one vocab-parallel cross-entropy.
 
+Real vocabulary: with ``vocab_size`` set, the padded columns (global index >= vocab_size) act as
+−inf in the softmax: they take no probability, get exactly zero gradient, and whatever they
+hold (zeros, large values, inf, nan) never changes the loss.
+
+``cross_entropy`` is the single-model SFT loss: the same function at λ = 1 with no weak model,
+so SFT and joint training take their softmax over the same real columns.
+
 Shape legend: ``[..., v]`` logits of the local vocab shard (``v = V / tp``), ``[...]`` targets
 and per-token losses, ``t`` all leading dims flattened.
 """
@@ -26,12 +33,14 @@ from megatron_wmss.loss.vocab_parallel import (
     check_logits,
     check_mix_lambda,
     check_target_range,
+    check_vocab_size,
     mixed_logits_fp32,
+    real_columns_in_shard,
     shard_rank_and_size,
     target_in_shard,
 )
 
-__all__ = ["mixed_cross_entropy"]
+__all__ = ["cross_entropy", "mixed_cross_entropy"]
 
 
 class _MixedCrossEntropy(torch.autograd.Function):
@@ -54,20 +63,26 @@ class _MixedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, strong_logits, weak_logits, target, mix_lambda, tp_group, ignore_index):
+    def forward(ctx, strong_logits, weak_logits, target, mix_lambda, tp_group, ignore_index,
+                vocab_size):
         local_vocab = strong_logits.shape[-1]
         strong_tv = strong_logits.reshape(-1, local_vocab)
-        weak_tv = weak_logits.reshape(-1, local_vocab)
+        weak_tv = None if weak_logits is None else weak_logits.reshape(-1, local_vocab)
         target_t = target.reshape(-1).long()
         valid_t = target_t != ignore_index
+        rank, _ = shard_rank_and_size(tp_group)
 
         mixed_tv = mixed_logits_fp32(strong_tv, weak_tv, mix_lambda)
-        row_max_t = mixed_tv.max(dim=-1).values
+        # Padded columns become −inf in our own fp32 copy, before any reduction reads them:
+        # exp() turns them into exact zeros, so neither loss nor gradient can depend on them.
+        real = real_columns_in_shard(vocab_size, rank * local_vocab, local_vocab)
+        if real < local_vocab:
+            mixed_tv[:, real:] = -torch.inf
+        row_max_t = mixed_tv.max(dim=-1).values  # −inf on a shard of padding only
         row_max_t, vocab = all_reduce_max_checked(row_max_t, local_vocab, tp_group)
-        check_target_range(target_t, valid_t, vocab, ignore_index)
+        check_target_range(target_t, valid_t, vocab, ignore_index, vocab_size)
         mixed_tv.sub_(row_max_t.unsqueeze(-1))
 
-        rank, _ = shard_rank_and_size(tp_group)
         local_target_t, in_shard_t = target_in_shard(
             target_t, valid_t, rank * local_vocab, local_vocab
         )
@@ -85,7 +100,7 @@ class _MixedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(exp_tv, sum_exp_t, local_target_t, in_shard_t, valid_t)
         ctx.mix_lambda = mix_lambda
         ctx.logit_shape = strong_logits.shape
-        ctx.dtypes = (strong_logits.dtype, weak_logits.dtype)
+        ctx.dtypes = (strong_logits.dtype, None if weak_logits is None else weak_logits.dtype)
         return loss_t.view(target.shape)
 
     @staticmethod
@@ -108,7 +123,7 @@ class _MixedCrossEntropy(torch.autograd.Function):
         if want_weak:
             grad_weak = _scaled(grad_mixed_tv, 1.0 - lam, ctx.dtypes[1], in_place=True)
             grad_weak = grad_weak.view(ctx.logit_shape)
-        return grad_strong, grad_weak, None, None, None, None
+        return grad_strong, grad_weak, None, None, None, None, None
 
 
 def _scaled(grad_tv: torch.Tensor, scale: float, dtype: torch.dtype, in_place: bool):
@@ -127,24 +142,46 @@ def mixed_cross_entropy(
     mix_lambda: float,
     tp_group: Optional[dist.ProcessGroup] = None,
     ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``mix_lambda·strong_logits + (1−mix_lambda)·weak_logits``.
 
     Args:
         strong_logits, weak_logits: ``[..., v]`` logits of this rank's vocab shard (fp32, bf16
             or fp16; either may have ``requires_grad=False``). Never modified.
-        target: ``[...]`` integer global token ids in ``[0, V)``, ``V = v · tp``, or
-            ``ignore_index`` where no loss is taken.
+        target: ``[...]`` integer global token ids in ``[0, vocab_size)`` (``[0, V)``,
+            ``V = v · tp``, when ``vocab_size`` is None), or ``ignore_index`` where no loss
+            is taken.
         mix_lambda: weight of the strong model, in [0, 1] (paper default 0.5).
         tp_group: tensor-parallel group the vocab is split over; ``None`` means the whole
             vocabulary is local.
         ignore_index: target value of unsupervised positions (their loss and gradient are 0).
+        vocab_size: global number of real vocabulary columns (the tokenizer's size); columns
+            at or past it are padding and excluded from the softmax. None: all are real.
 
     Returns:
         ``[...]`` fp32 per-token loss (nats), 0 at ignored positions. Gradients flow back as
-        ``mix_lambda·g`` and ``(1−mix_lambda)·g`` in each input's own dtype.
+        ``mix_lambda·g`` and ``(1−mix_lambda)·g`` in each input's own dtype (exactly 0 on
+        padded columns).
     """
     check_logits({"strong_logits": strong_logits, "weak_logits": weak_logits}, target)
     lam = check_mix_lambda(mix_lambda)
     return _MixedCrossEntropy.apply(strong_logits, weak_logits, target, lam, tp_group,
-                                    int(ignore_index))
+                                    int(ignore_index), check_vocab_size(vocab_size))
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-token vocab-parallel cross-entropy of one model's ``[..., v]`` logits shard (SFT).
+
+    :func:`mixed_cross_entropy` at λ = 1 without a weak model: same arguments, same
+    collectives, same fp32 numerics and real-vocabulary masking. Never modifies ``logits``.
+    """
+    check_logits({"logits": logits}, target)
+    return _MixedCrossEntropy.apply(logits, None, target, 1.0, tp_group, int(ignore_index),
+                                    check_vocab_size(vocab_size))

@@ -19,7 +19,9 @@ __all__ = [
     "check_mix_lambda",
     "check_logits",
     "check_target_range",
+    "check_vocab_size",
     "mixed_logits_fp32",
+    "real_columns_in_shard",
     "shard_rank_and_size",
     "target_in_shard",
 ]
@@ -102,26 +104,51 @@ def all_reduce_max_checked(
     return packed[:-2].view_as(row_max), local_vocab * size
 
 
+def check_vocab_size(vocab_size) -> Optional[int]:
+    """``vocab_size`` (the global number of real columns) as an int >= 1, or None."""
+    if vocab_size is None:
+        return None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int (the number of real vocabulary "
+                         f"columns) or None, got {vocab_size!r}")
+    return vocab_size
+
+
+def real_columns_in_shard(vocab_size: Optional[int], vocab_start: int, local_vocab: int) -> int:
+    """How many of this shard's ``local_vocab`` columns (global ``vocab_start`` on) are real;
+    they come first. ``vocab_size=None``: all of them."""
+    if vocab_size is None:
+        return local_vocab
+    return min(max(vocab_size - vocab_start, 0), local_vocab)
+
+
 def check_target_range(
-    target_t: torch.Tensor, valid_t: torch.Tensor, vocab: int, ignore_index: int
+    target_t: torch.Tensor, valid_t: torch.Tensor, padded_vocab: int, ignore_index: int,
+    vocab_size: Optional[int] = None,
 ) -> None:
-    """Every supervised target id lies in [0, vocab). One host sync (the ``.any()``)."""
+    """``vocab_size`` fits the padded vocabulary and every supervised target id lies in
+    ``[0, vocab_size)`` (default: the padded size). One host sync (the ``.any()``)."""
+    if vocab_size is not None and vocab_size > padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the {padded_vocab} columns the "
+                         "logits hold over all tensor-parallel ranks")
+    vocab = padded_vocab if vocab_size is None else vocab_size
     bad_t = valid_t & ((target_t < 0) | (target_t >= vocab))
     if bool(bad_t.any()):
         example = int(target_t[bad_t][0].item())
+        what = "the padded vocabulary" if vocab_size is None else "the real vocabulary"
         raise ValueError(
-            f"target holds token id {example} outside [0, {vocab}) (the padded vocabulary); "
+            f"target holds token id {example} outside [0, {vocab}) ({what}); "
             f"use ignore_index={ignore_index} for positions without loss"
         )
 
 
 def mixed_logits_fp32(
-    strong_tv: torch.Tensor, weak_tv: torch.Tensor, mix_lambda: float
+    strong_tv: torch.Tensor, weak_tv: Optional[torch.Tensor], mix_lambda: float
 ) -> torch.Tensor:
     """A new fp32 tensor ``λ·strong + (1−λ)·weak``; never aliases or modifies the inputs.
 
     At λ = 1 (or 0) the other model is not read at all, so the result equals the strong (weak)
-    logits exactly even if the unused ones hold inf or nan.
+    logits exactly even if the unused ones hold inf or nan; ``weak_tv`` may be None at λ = 1.
     """
     if mix_lambda == 1.0:
         return strong_tv.to(torch.float32, copy=True)

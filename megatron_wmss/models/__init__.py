@@ -7,10 +7,12 @@ from megatron_wmss.models.builder import (
     transformer_config_kwargs,
     use_transformer_engine,
 )
+from megatron_wmss.models.gpt import WMSSGPTModel
 from megatron_wmss.models.joint import JointGPTModel, finalize_joint_model_grads
 
 __all__ = [
     "JointGPTModel",
+    "WMSSGPTModel",
     "build_gpt_model",
     "finalize_joint_model_grads",
     "layer_spec",

@@ -130,7 +130,8 @@ def build_gpt_model(
     post_process: Optional[bool] = None,
     use_te: Optional[bool] = None,
 ):
-    """One ``GPTModel`` for this rank's pipeline stage, on the default device.
+    """One ``GPTModel`` for this rank's pipeline stage, on the default device; its loss covers
+    the ``cfg.vocab_size`` real vocabulary columns only (:class:`WMSSGPTModel`).
 
     Call after megatron's parallel state and ``model_parallel_cuda_manual_seed`` are set up.
     ``pre_process`` / ``post_process`` default to whether this rank holds the first / last
@@ -138,7 +139,7 @@ def build_gpt_model(
     """
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
-    from megatron.core.models.gpt import GPTModel
+    from megatron_wmss.models.gpt import WMSSGPTModel
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -146,7 +147,8 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     te = use_transformer_engine(cfg) if use_te is None else use_te
     tc = transformer_config(cfg, parallel, use_te=te)
-    model = GPTModel(
+    model = WMSSGPTModel(
+        real_vocab_size=cfg.vocab_size,
         config=tc,
         transformer_layer_spec=layer_spec(cfg, te),
         vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),

@@ -29,7 +29,8 @@ class JointGPTModel(MegatronModule):
     """Strong and weak ``GPTModel`` of one pipeline stage, trained on ``CE(λ·z_s + (1−λ)·z_w)``.
 
     ``forward`` returns what megatron's schedule expects: the concatenated hidden states on
-    inner stages, the per-token mixed loss ``[b, s]`` (fp32) on the last stage when ``labels``
+    inner stages, the per-token mixed loss ``[b, s]`` (fp32, over the real vocabulary of
+    ``real_vocab_size`` columns, ``-100`` labels ignored) on the last stage when ``labels``
     are given, or both models' logit shards ``([b, s, v], [b, s, v])`` when they are not.
     With ``freeze_weak`` the weak model runs without autograd and holds no trainable parameter.
     """
@@ -41,6 +42,11 @@ class JointGPTModel(MegatronModule):
         if strong.vocab_size != weak.vocab_size:
             raise ValueError(f"strong and weak models differ in padded vocab size: "
                              f"{strong.vocab_size} vs {weak.vocab_size}")
+        # The real (unpadded) vocabulary the loss softmaxes over; None: every column is real.
+        real_vocab = getattr(strong, "real_vocab_size", None)
+        if real_vocab != getattr(weak, "real_vocab_size", None):
+            raise ValueError(f"strong and weak models differ in real vocab size: {real_vocab} "
+                             f"vs {getattr(weak, 'real_vocab_size', None)}")
         config = copy.copy(strong.config)
         # The schedule sizes p2p buffers from config.hidden_size: both activations travel.
         config.hidden_size = strong.config.hidden_size + weak.config.hidden_size
@@ -52,6 +58,7 @@ class JointGPTModel(MegatronModule):
         # Tied embeddings are reduced across stages by finalize_joint_model_grads for both
         # models; megatron's own reduction looks for a single shared weight and must skip us.
         self.share_embeddings_and_output_weights = False
+        self.real_vocab_size = real_vocab
         self.mix_lambda = check_mix_lambda(mix_lambda)
         self.freeze_weak = freeze_weak
         if tp_group is None:
@@ -74,9 +81,12 @@ class JointGPTModel(MegatronModule):
             self.strong.set_input_tensor(None)
             self.weak.set_input_tensor(None)
             return
+        # Slices of the hidden dim are strided views; Transformer Engine's kernels want
+        # contiguous inputs. The copies stay in the autograd graph, so the received tensor
+        # still gets its gradient for the previous stage.
         h = self.strong_hidden_size
-        self.strong.set_input_tensor(input_tensor[..., :h])
-        self.weak.set_input_tensor(input_tensor[..., h:])
+        self.strong.set_input_tensor(input_tensor[..., :h].contiguous())
+        self.weak.set_input_tensor(input_tensor[..., h:].contiguous())
 
     def _weak_context(self):
         return torch.no_grad() if self.freeze_weak else contextlib.nullcontext()
@@ -90,7 +100,7 @@ class JointGPTModel(MegatronModule):
         if labels is None:
             return strong_out, weak_out
         return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
-                                   tp_group=self.tp_group)
+                                   tp_group=self.tp_group, vocab_size=self.real_vocab_size)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Both models' megatron sharded state dicts under ``strong.`` and ``weak.``."""

@@ -62,7 +62,7 @@ def batch_to_device(batch: dict, device) -> dict:
             for key, value in batch.items()}
 
 
-def _forward_step(data_iterator, model, *, joint: bool, seq_length: int):
+def _forward_step(data_iterator, model, *, seq_length: int):
     batch = batch_to_device(next(data_iterator), default_device())
     tokens, labels = batch["tokens"], batch["labels"]
     if tokens.shape != labels.shape or tokens.shape[1] != seq_length:
@@ -73,9 +73,6 @@ def _forward_step(data_iterator, model, *, joint: bool, seq_length: int):
         position_ids = torch.arange(seq_length, device=tokens.device).expand_as(tokens)
     mask = causal_attention_mask(seq_length, tokens.device)
     loss_mask = labels != IGNORE_INDEX
-    if not joint:
-        # megatron's own CE has no ignore_index; masked positions are zeroed by the loss mask.
-        labels = torch.where(loss_mask, labels, 0)
     output = model(tokens, position_ids, mask, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -115,7 +112,7 @@ def train_step(
         chunk.zero_grad_buffer()
     setup.optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, joint=joint, seq_length=seq_length),
+        forward_step_func=partial(_forward_step, seq_length=seq_length),
         data_iterator=data_iterator,
         model=setup.model,
         num_microbatches=num_microbatches,

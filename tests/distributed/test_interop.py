@@ -37,6 +37,20 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
 
 
+def _hf_labels() -> torch.Tensor:
+    """transformers' labels for ``_tokens()``: the tokens, -100 where no loss is taken (HF
+    shifts them itself)."""
+    labels = _tokens().clone()
+    labels[0, 2:5] = -100  # a prompt-like stretch without loss
+    return labels
+
+
+def _labels() -> torch.Tensor:
+    """The same supervision in this project's convention: position t predicts token t+1."""
+    hf = _hf_labels()
+    return torch.cat([hf[:, 1:], torch.full((BATCH, 1), -100)], dim=1)
+
+
 def _hf_model(name: str, seed: int):
     import transformers as tf
 
@@ -84,9 +98,10 @@ def hf_models(tmp_path_factory):
     return out
 
 
-def _forward(model, tokens):
-    """Megatron logits ``[b, s, V]`` (vocab gathered over TP, padding dropped) on the last
-    stage, None elsewhere; stages are chained by hand with point-to-point send/recv."""
+def _forward(model, tokens, labels=None):
+    """Megatron logits ``[b, s, V]`` (vocab gathered over TP, padding dropped), or with
+    ``labels`` the mean loss over supervised tokens, on the last stage; None elsewhere. Stages
+    are chained by hand with point-to-point send/recv."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -99,10 +114,12 @@ def _forward(model, tokens):
             hidden = torch.empty(s, b, model.config.hidden_size)
             dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
-        out = model(tokens, positions, mask)
+        out = model(tokens, positions, mask, labels=labels)
         if not ps.is_pipeline_last_stage():
             dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
+    if labels is not None:  # per-token loss [b, s], 0 where labels are -100
+        return float(out.sum() / (labels != -100).sum())
     outs = out if isinstance(out, tuple) else (out,)
     full = tuple(gather_from_tensor_model_parallel_region(o)[..., :VOCAB].clone() for o in outs)
     return full if isinstance(out, tuple) else full[0]
@@ -132,6 +149,13 @@ def _layout_run(cases, workdir, tokens, joint):
         model = build_stage_model(cfg, seed=123)
         load_model_checkpoint(model, ckpt)
         result[name] = _forward(model, tokens)
+        if name == "qwen3":
+            # Imported Qwen3: the padded vocabulary rows are zero, and their logits must stay
+            # out of the softmax, in SFT and in joint training at λ = 1 alike.
+            result["qwen3_sft_loss"] = _forward(model, tokens, _labels())
+            other = build_stage_model(cfg, seed=5)  # a weak model that must not count at λ=1
+            result["qwen3_joint_loss_lambda1"] = _forward(
+                JointGPTModel(model, other, mix_lambda=1.0), tokens, _labels())
         if (tp, pp) == (1, 1):
             # megatron's own local -> checkpoint key map spells names the TE way.
             result[f"{name}_sharded_keys"] = [
@@ -167,7 +191,8 @@ def layouts(hf_models, tmp_path_factory):
         assert len(last) == tp  # every TP rank of the last stage gathered the full vocab
         for r in last[1:]:
             assert all(torch.equal(torch.stack(list(_as_tuple(r[k]))),
-                                   torch.stack(list(_as_tuple(last[0][k])))) for k in r)
+                                   torch.stack(list(_as_tuple(last[0][k]))))
+                       for k in r if not k.endswith("_loss") and not k.endswith("lambda1"))
         out[(tp, pp)] = last[0]
     return workdir, out
 
@@ -185,6 +210,22 @@ def test_imported_logits_match_transformers(hf_models, layouts, tp, pp):
         print(f"max |logit diff| {name} tp{tp} pp{pp}: {diff:.2e}")
         assert diff <= LOGIT_ATOL, (name, tp, pp, diff)
         assert float(ref.abs().max()) > 0.5  # the comparison is not between tiny numbers
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_sft_and_joint_lambda1_losses_match_transformers(hf_models, layouts, tp, pp):
+    """Vocab 300 pads to 384 rows at TP=1 and 512 at TP=2: the loss over the real vocabulary
+    is transformers' loss at every layout (fp32: summation order only, well under 1e-5)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_models["qwen3"][0]).eval()
+    with torch.no_grad():
+        want = float(model(_tokens(), labels=_hf_labels()).loss)
+    _, results = layouts
+    for key in ("qwen3_sft_loss", "qwen3_joint_loss_lambda1"):
+        got = results[(tp, pp)][key]
+        print(f"{key} tp{tp} pp{pp}: {got:.7f} vs transformers {want:.7f}")
+        assert abs(got - want) <= 1e-5, (key, got, want)
 
 
 def test_te_spec_names_agree_with_megatrons_checkpoint_keys(hf_models, layouts):

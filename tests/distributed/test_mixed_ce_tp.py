@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_wmss.testing import DistributedRunError, run_distributed
-from tests.naive import make_case, naive_mixed_ce, naive_statistics
+from megatron_wmss.config.vocab import padded_vocab_size
+from tests.naive import make_case, naive_mixed_ce, naive_statistics, pad_columns
 
 # Same budgets as the single-process tests (see tests/unit/test_mixed_cross_entropy.py): the
 # shards' partial sums are added in a different order than one full-vocab sum, nothing more.
@@ -20,6 +21,9 @@ FP32_LOSS_ATOL, FP32_GRAD_ATOL, BF16_GRAD_RTOL, STATS_TOL = 1e-5, 1e-6, 2.0**-7,
 
 VOCAB = 256  # divisible by 1, 2 and 4
 TOKENS = (3, 10)
+# Real vocabulary under megatron's padding rule (a multiple of 128·TP): 384 columns at TP=1,
+# 512 at TP=2 (rank 1 holds 44 real columns) and at TP=4 (rank 2 holds 44, rank 3 none).
+REAL_VOCAB = 300
 
 
 def _shard(x, rank, tp):
@@ -89,11 +93,85 @@ def _check_all_cases():
     return excess
 
 
+def _check_real_vocab_cases():
+    """Padded logits with ``vocab_size=REAL_VOCAB`` against the naive loss over the real
+    vocabulary; padded columns must get exactly zero gradient, and refilling them with large
+    values, inf or nan must leave loss and gradients bit for bit unchanged."""
+    from megatron.core import parallel_state
+
+    from megatron_wmss.loss import cross_entropy, mixed_cross_entropy, mixed_logit_diagnostics
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = padded_vocab_size(REAL_VOCAB, tp)
+    excess: dict[str, float] = {}
+    failures = []
+    for seed, dtype in enumerate((torch.float32, torch.bfloat16), start=10):
+        strong, weak, target, grad = make_case(seed, TOKENS, REAL_VOCAB, dtype)
+        grad_rtol = 0.0 if dtype == torch.float32 else BF16_GRAD_RTOL
+        for lam in (0.3, 1.0, "single"):
+            key = f"real-vocab {dtype}-lam{lam}"
+            s_ref, w_ref = strong.clone().requires_grad_(), weak.clone().requires_grad_()
+            ref = naive_mixed_ce(s_ref, w_ref, target, 1.0 if lam == "single" else lam)
+            ref.backward(grad)
+            first = None
+            for fill in ("zeros", "large", "inf", "nan"):
+                s = _shard(pad_columns(strong, padded, fill), rank, tp).clone().requires_grad_()
+                w = _shard(pad_columns(weak, padded, fill, 1), rank, tp).clone().requires_grad_()
+                if lam == "single":
+                    loss = cross_entropy(s, target, tp_group=group, vocab_size=REAL_VOCAB)
+                else:
+                    loss = mixed_cross_entropy(s, w, target, lam, tp_group=group,
+                                               vocab_size=REAL_VOCAB)
+                loss.backward(grad)
+                grads = [g if g is not None else torch.zeros_like(s) for g in (s.grad, w.grad)]
+                got = (loss.detach(), *grads)
+                if first is None:
+                    first = got
+                elif not all(torch.equal(a, b) for a, b in zip(got, first)):
+                    failures.append(f"{key}: padded columns holding {fill} changed the result")
+            loss, gs, gw = first
+            real_mask = _shard(torch.arange(padded), rank, tp) < REAL_VOCAB
+            for name, g in (("strong", gs), ("weak", gw)):
+                if torch.count_nonzero(g[..., ~real_mask]):
+                    failures.append(f"{key}: padded columns of {name} got gradient")
+            full_s = pad_columns(s_ref.grad, padded)  # zero gradient on padding, as expected
+            full_w = pad_columns(w_ref.grad, padded)
+            excess[f"{key} loss"] = _max_excess(loss, ref.detach(), FP32_LOSS_ATOL, 0.0)
+            excess[f"{key} grad_strong"] = _max_excess(
+                gs, _shard(full_s, rank, tp), FP32_GRAD_ATOL, grad_rtol)
+            if lam != "single":
+                excess[f"{key} grad_weak"] = _max_excess(
+                    gw, _shard(full_w, rank, tp), FP32_GRAD_ATOL, grad_rtol)
+
+        stats = mixed_logit_diagnostics(
+            _shard(pad_columns(strong, padded, "large"), rank, tp),
+            _shard(pad_columns(weak, padded, "nan"), rank, tp), target, 0.42, tp_group=group,
+            vocab_size=REAL_VOCAB)
+        mixed = 0.42 * strong.float() + 0.58 * weak.float()
+        for name, full in (("strong", strong), ("weak", weak), ("mixed", mixed)):
+            for field, want in naive_statistics(full, target).items():
+                got = getattr(stats[name], field)
+                if not torch.isfinite(got).all():
+                    failures.append(f"real-vocab {dtype} stats {name}.{field} not finite")
+                excess[f"real-vocab {dtype} stats {name}.{field}"] = _max_excess(
+                    got, want, STATS_TOL, STATS_TOL)
+    return excess, failures
+
+
+def _check_everything():
+    excess, failures = _check_real_vocab_cases()
+    return {**_check_all_cases(), **excess}, failures
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_matches_single_process_reference(tp):
-    per_rank = run_distributed(_check_all_cases, world_size=tp, tp=tp, timeout=300)
-    for rank, excess in enumerate(per_rank):
-        assert len(excess) == 2 * (4 * 3 + 1 + 12)
+    per_rank = run_distributed(_check_everything, world_size=tp, tp=tp, timeout=300)
+    for rank, (excess, failures) in enumerate(per_rank):
+        # padded vocab: 2 dtypes x (3 losses + 3 strong grads + 2 weak grads + 12 stats)
+        assert len(excess) == 2 * (4 * 3 + 1 + 12) + 2 * (3 + 3 + 2 + 12)
+        assert not failures, f"tp={tp} rank={rank}: {failures}"
         over = {k: v for k, v in excess.items() if v > 0}
         assert not over, f"tp={tp} rank={rank} out of tolerance by: {over}"
 

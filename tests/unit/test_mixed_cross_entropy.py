@@ -8,8 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics, token_statistics
-from tests.naive import make_case, naive_mixed_ce, naive_statistics
+from megatron_wmss.loss import (
+    cross_entropy,
+    mixed_cross_entropy,
+    mixed_logit_diagnostics,
+    token_statistics,
+)
+from tests.naive import make_case, naive_mixed_ce, naive_statistics, pad_columns
 
 # fp32: the two implementations sum the same fp32 terms in a different order; over V <= 1000
 # terms that moves a loss of O(10) nats by a few ulps (~1e-6) and a probability by ~1e-7.
@@ -215,3 +220,86 @@ def test_double_backward_is_refused_clearly():
     (g,) = torch.autograd.grad(loss, s, grad.requires_grad_(), create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         g.sum().backward()
+
+
+# Real vocabulary: 97 real columns padded to 128 (megatron's rule at TP=1 is 128·TP).
+REAL, PADDED = 97, 128
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+def test_padded_columns_are_outside_the_softmax(lam, dtype):
+    strong, weak, target, grad = make_case(20, (3, 7), REAL, dtype)
+    s_ref, w_ref = strong.clone().requires_grad_(), weak.clone().requires_grad_()
+    ref = naive_mixed_ce(s_ref, w_ref, target, lam)  # over the unpadded vocabulary
+    ref.backward(grad)
+    results = {}
+    for fill in ("zeros", "large", "inf", "nan"):
+        s = pad_columns(strong, PADDED, fill).requires_grad_()
+        w = pad_columns(weak, PADDED, fill, seed=1).requires_grad_()
+        loss = mixed_cross_entropy(s, w, target, lam, vocab_size=REAL)
+        loss.backward(grad)
+        results[fill] = (loss, s.grad, w.grad)
+        assert torch.count_nonzero(s.grad[..., REAL:]) == 0
+        assert torch.count_nonzero(w.grad[..., REAL:]) == 0
+        _assert_grad_close(s.grad[..., :REAL], s_ref.grad, dtype)
+        _assert_grad_close(w.grad[..., :REAL], w_ref.grad, dtype)
+    torch.testing.assert_close(results["zeros"][0], ref.detach(), atol=FP32_LOSS_ATOL, rtol=0)
+    for fill in ("large", "inf", "nan"):  # what the padded columns hold never matters
+        for got, want in zip(results[fill], results["zeros"]):
+            assert torch.equal(got, want), fill
+
+
+def test_zero_padding_changes_the_loss_without_vocab_size():
+    # What the mask fixes: 84 zero columns next to 300 real ones at logit scale 0.5.
+    strong, weak, target, _ = make_case(21, (64,), 300, torch.float32, scale=0.5)
+    padded = pad_columns(strong, 384), pad_columns(weak, 384)
+    masked = mixed_cross_entropy(*padded, target, 0.5, vocab_size=300)
+    unmasked = mixed_cross_entropy(*padded, target, 0.5)
+    torch.testing.assert_close(masked, naive_mixed_ce(strong, weak, target, 0.5),
+                               atol=FP32_LOSS_ATOL, rtol=0)
+    valid = target != -100
+    assert float((unmasked - masked)[valid].mean()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_model_cross_entropy_is_torch_cross_entropy_over_real_columns(dtype):
+    logits, _, target, grad = make_case(22, (4, 9), REAL, dtype)
+    ref_in = logits.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_in.float().reshape(-1, REAL), target.reshape(-1),
+                                            reduction="none").view(target.shape)
+    ref.backward(grad)
+    x = pad_columns(logits, PADDED, "large").requires_grad_()
+    loss = cross_entropy(x, target, vocab_size=REAL)
+    loss.backward(grad)
+    torch.testing.assert_close(loss, ref.detach(), atol=FP32_LOSS_ATOL, rtol=0)
+    _assert_grad_close(x.grad[..., :REAL], ref_in.grad, dtype)
+    assert torch.count_nonzero(x.grad[..., REAL:]) == 0
+
+
+def test_targets_in_the_padding_and_bad_vocab_sizes_are_rejected():
+    logits, _, target, _ = make_case(23, (6,), PADDED, torch.float32)
+    target[0] = REAL  # a padded column: no token has this id
+    with pytest.raises(ValueError, match=rf"token id {REAL} outside \[0, {REAL}\) \(the real"):
+        cross_entropy(logits, target, vocab_size=REAL)
+    with pytest.raises(ValueError, match="vocab_size=129 exceeds the 128 columns"):
+        cross_entropy(logits, target % REAL, vocab_size=PADDED + 1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+            mixed_cross_entropy(logits, logits, target % REAL, 0.5, vocab_size=bad)
+
+
+@pytest.mark.parametrize("fill", ["zeros", "large", "inf", "nan"])
+def test_diagnostics_cover_real_columns_only(fill):
+    strong, weak, target, _ = make_case(24, (3, 5), REAL, torch.float32)
+    lam = 0.42
+    stats = mixed_logit_diagnostics(pad_columns(strong, PADDED, fill),
+                                    pad_columns(weak, PADDED, fill, seed=1), target, lam,
+                                    vocab_size=REAL)
+    mixed = lam * strong + (1 - lam) * weak
+    for name, logits in (("strong", strong), ("weak", weak), ("mixed", mixed)):
+        for field, want in naive_statistics(logits, target).items():
+            got = getattr(stats[name], field)
+            assert torch.isfinite(got).all(), f"{name}.{field} not finite"
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{name}.{field}: {m}")
