@@ -17,6 +17,7 @@ arguments and result picklable, since ranks are started with ``spawn``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -91,13 +92,22 @@ def run_distributed(
     kwargs: dict | None = None,
     timeout: float = 300.0,
     skip_shims: Sequence[str] = (),
+    device: str = "auto",
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return results in rank order.
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order.
 
     ``tp`` and ``pp`` are megatron's tensor- and pipeline-parallel sizes; the data-parallel size
     is ``world_size // (tp * pp)``. ``skip_shims`` names CPU shims to leave out (used by the
     tests that prove each shim is needed). ``timeout`` is in seconds for the whole run.
+    ``device="auto"`` gives NCCL with one GPU per rank where there are at least
+    ``world_size`` GPUs (NCCL cannot put two ranks of a group on one GPU), gloo on CPU
+    otherwise; ``device="cpu"`` hides every GPU from the ranks (``CUDA_VISIBLE_DEVICES=""``
+    before they start), so they run on CPU with gloo and the CPU shims on any machine.
     """
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"device must be 'auto' or 'cpu', got {device!r}")
+    if device == "auto" and _gpu_count() < world_size:
+        device = "cpu"
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
@@ -122,8 +132,9 @@ def run_distributed(
             )
             for rank in range(world_size)
         ]
-        for proc in procs:
-            proc.start()
+        with _visible_gpus("" if device == "cpu" else None):
+            for proc in procs:
+                proc.start()
         ok = False
         try:
             values = _collect(procs, results, world_size, timeout, fn)
@@ -131,6 +142,29 @@ def run_distributed(
             return [pickle.loads(v) for v in values]
         finally:
             _stop(procs, grace=30.0 if ok else 0.0)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextlib.contextmanager
+def _visible_gpus(value: str | None):
+    """Set ``CUDA_VISIBLE_DEVICES`` for processes started inside (``None``: leave it)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
 
 
 def _stop(procs, grace: float) -> None:

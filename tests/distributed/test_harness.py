@@ -60,3 +60,28 @@ def test_hung_rank_times_out_instead_of_hanging():
 def test_layout_that_does_not_divide_the_world_is_rejected():
     with pytest.raises(ValueError, match="multiple of tp\\*pp"):
         run_distributed(_layout_and_sum, world_size=3, tp=2)
+
+
+def _device_view():
+    import os
+
+    import torch.distributed as dist
+
+    return (os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(),
+            dist.get_backend())
+
+
+def test_test_harness_runs_ranks_on_cpu_with_gloo_even_where_gpus_exist(monkeypatch):
+    # The distributed tests compare CPU tensors with CPU references: on a GPU machine their
+    # ranks must still be gloo ranks that see no GPU (the same results as on this machine).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    got = run_distributed(_device_view, world_size=2, tp=2, timeout=120)
+    assert got == [("", False, "gloo")] * 2
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # the parent's own view is restored
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match="device must be 'auto' or 'cpu'"):
+        run_distributed(_device_view, world_size=1, device="gpu")
