@@ -26,9 +26,6 @@ CLIP_GRAD = 1e-3  # far below the first step's grad norm (~3), so clipping alway
 # fp32 runs of the same math in another layout differ only by reduction order.
 ATOL = 1e-5
 
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="shims apply only without CUDA")
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers run inside the ranks (module level: ranks are spawned).
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +327,6 @@ def test_every_shim_documents_its_call_site():
 # ----------------------------------------------------------------------------------------------
 
 
-@cpu_only
 def test_tp2_forward_matches_tp1_and_seeds_are_deterministic():
     r0, r1 = run_distributed(tp2_forward_matches_tp1, 2, tp=2, timeout=180)
     for r in (r0, r1):
@@ -341,7 +337,6 @@ def test_tp2_forward_matches_tp1_and_seeds_are_deterministic():
     assert r0["dp_stream"] == r1["dp_stream"]
 
 
-@cpu_only
 def test_pp2_tied_embeddings_match_pp1():
     first, last = run_distributed(pp2_tied_matches_pp1, 2, pp=2, timeout=180)
     assert first["tied_synced"]
@@ -351,7 +346,6 @@ def test_pp2_tied_embeddings_match_pp1():
     assert max(first["layer_grad_diff"], last["layer_grad_diff"]) < ATOL
 
 
-@cpu_only
 def test_optimizer_clips_and_distributed_matches_plain():
     for r in run_distributed(optimizer_step, 2, timeout=180):
         for kind in ("plain", "distributed", "bf16"):
@@ -363,7 +357,6 @@ def test_optimizer_clips_and_distributed_matches_plain():
         assert r["bf16"]["grad_norm"] == pytest.approx(r["plain"]["grad_norm"], rel=1e-2)
 
 
-@cpu_only
 def test_dist_checkpoint_round_trip(tmp_path):
     results = run_distributed(
         checkpoint_round_trip, 2, tp=2, kwargs={"path": str(tmp_path)}, timeout=180
@@ -398,7 +391,6 @@ def test_every_shim_has_a_needed_test():
     assert sorted({row[0] for row in NEEDED}) == sorted(cpu_shims.SHIMS)
 
 
-@cpu_only
 @pytest.mark.parametrize(
     "shim, fn, kwargs, tp, pp, error", NEEDED,
     ids=[f"{row[0]}-{row[1].__name__}{'-bf16' if row[2] else ''}" for row in NEEDED],
