@@ -4,15 +4,22 @@ megatron pads the vocabulary to a multiple of 128·TP, and its own cross-entropy
 every padded column too (logit 0 for an imported model), so the objective would change with TP
 and differ from the exported model's. This subclass changes only the loss: the same layers,
 state-dict keys and checkpoints as ``GPTModel``.
+
+Padded rows of the embedding and output layer start at zero (an imported model's are zero
+too) and stay zero: their logits are outside the softmax, so their gradient is exactly zero,
+no real token looks them up, and weight decay keeps a zero at zero.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 
 from megatron_wmss.loss import cross_entropy
+from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
 
 __all__ = ["WMSSGPTModel"]
 
@@ -27,6 +34,22 @@ class WMSSGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.real_vocab_size = real_vocab_size
         self.ignore_index = ignore_index
+        self._zero_padded_vocab_rows()
+
+    @torch.no_grad()
+    def _zero_padded_vocab_rows(self) -> None:
+        if self.real_vocab_size is None:
+            return
+        weights = []
+        if self.pre_process:
+            weights.append(self.embedding.word_embeddings.weight)
+        if self.post_process and self.output_layer.weight is not None:
+            weights.append(self.output_layer.weight)  # a tied copy on a later stage too
+        tp_rank = dist.get_rank(group=self.pg_collection.tp) if dist.is_initialized() else 0
+        for weight_vh in weights:
+            rows = weight_vh.shape[0]
+            real = real_columns_in_shard(self.real_vocab_size, tp_rank * rows, rows)
+            weight_vh[real:].zero_()
 
     def compute_language_model_loss(self, labels, logits):
         """``labels`` ``[b, s]``, ``logits`` ``[s, b, v]`` (this rank's shard) → loss ``[b, s]``."""

@@ -318,3 +318,48 @@ def test_loading_bf16_weights_refreshes_the_optimizer_main_params(tmp_path):
     result = run_distributed(_bf16_main_params_follow_loaded_weights, world_size=1,
                              args=(str(tmp_path),), timeout=300)[0]
     assert result == {"load_weights": True, "bare_load": False}
+
+
+PADDED_CASE_VOCAB = 200  # 256 rows at TP=2: rank 1 holds 72 real rows and 56 padded ones
+
+
+def _padded_rows_through_training():
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
+    from megatron_wmss.training import setup_training, train_step
+
+    cfg = dataclasses.replace(_model_config(tied=False), vocab_size=PADDED_CASE_VOCAB)
+    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(), 1)
+    setup = setup_training(cfg, parallel, OptimConfig(lr=1e-2, weight_decay=0.1,
+                                                      warmup_fraction=0.0), 2, mix=MixConfig())
+    joint = setup.unwrapped
+    rank, rows = ps.get_tensor_model_parallel_rank(), 256 // 2
+    real = max(min(PADDED_CASE_VOCAB - rank * rows, rows), 0)
+
+    def weights():
+        return {f"{name}.{layer}": weight.detach().clone()
+                for name, model in (("strong", joint.strong), ("weak", joint.weak))
+                for layer, weight in (("embedding", model.embedding.word_embeddings.weight),
+                                      ("output_layer", model.output_layer.weight))}
+
+    before = weights()
+    batches = ({"tokens": tokens % PADDED_CASE_VOCAB,
+                "labels": torch.where(labels >= 0, labels % PADDED_CASE_VOCAB, labels)}
+               for tokens, labels in _global_batches())
+    for _ in range(2):
+        train_step(setup, batches, num_microbatches=1, micro_batch_size=GLOBAL_BATCH,
+                   seq_length=SEQ)
+    after = weights()
+    return {name: (bool((before[name][real:] == 0).all()), bool((after[name][real:] == 0).all()),
+                   bool(not torch.equal(before[name][:real], after[name][:real])))
+            for name in before}
+
+
+def test_padded_vocab_rows_are_zero_and_stay_zero_under_training_with_weight_decay():
+    for result in run_distributed(_padded_rows_through_training, world_size=2, tp=2,
+                                  timeout=300):
+        for name, (zero_before, zero_after, real_rows_trained) in result.items():
+            assert zero_before and zero_after and real_rows_trained, name
