@@ -35,3 +35,11 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Wheels for bench/gpu_check.sh on a GPU machine without a package registry (README, "GPU
+# check"); needs the registry. GPU_PYTHON_VERSIONS: that machine's Python(s), e.g. "3.11 3.12";
+# empty means this machine's.
+GPU_PYTHON_VERSIONS ?=
+.PHONY: gpu-wheelhouse
+gpu-wheelhouse:
+	PYTHON=$(PYTHON) bench/gpu_check.sh --build-wheelhouse $(foreach v,$(GPU_PYTHON_VERSIONS),--python-version $(v))

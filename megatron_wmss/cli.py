@@ -1,9 +1,14 @@
-"""``wmss``: the command-line entry point. Thin: parse, then call one library function."""
+"""``wmss``: the command-line entry point. Thin: parse, then call one library function.
+
+Exit status: 0 on success, 2 on a user error (one line on stderr, ``wmss COMMAND: error: ...``),
+1 on anything unexpected (with its traceback). ``wmss --debug COMMAND`` or ``WMSS_DEBUG=1``
+prints the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -16,8 +21,9 @@ def _env(argv: Sequence[str]) -> int:
 
     from megatron_wmss import __version__
     from megatron_wmss.platform import apex_available, cuda_available, te_available
+    from megatron_wmss.platform.errors import ArgumentParser
 
-    argparse.ArgumentParser(prog="wmss env", description=_env.__doc__).parse_args(argv)
+    ArgumentParser(prog="wmss env", description=_env.__doc__).parse_args(argv)
 
     def version(dist: str) -> Optional[str]:
         try:
@@ -41,7 +47,7 @@ def _env(argv: Sequence[str]) -> int:
 def _train_tokenizer(argv: Sequence[str]) -> int:
     from megatron_wmss.data.train_tokenizer import main as train_tokenizer_main
 
-    return train_tokenizer_main(list(argv))
+    return train_tokenizer_main(list(argv), prog="wmss train-tokenizer")
 
 
 def _import_hf(argv: Sequence[str]) -> int:
@@ -76,15 +82,39 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_wmss.platform.errors import DEBUG_ENV, ArgumentParser, run_command
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="wmss", description="Weak-Driven Learning on megatron-core",
-        epilog="Run `wmss COMMAND -h` for a command's own options.")
+        epilog="Run `wmss COMMAND -h` for a command's own options. Exit status: 0 ok, 2 user "
+        "error (one line on stderr), 1 unexpected error (traceback).")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every "
+                        f"error, user errors included (also: {DEBUG_ENV}=1)")
     parser.add_argument("command", choices=sorted(COMMANDS),
                         help="; ".join(f"{name}: {text}" for name, (text, _) in COMMANDS.items()))
+    debug = False
+    while argv and argv[0] == "--debug":
+        debug = True
+        argv.pop(0)
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv[:1])  # prints usage or the invalid-choice error, exits 2
-    return COMMANDS[argv[0]][1](argv[1:])
+    from megatron_wmss.platform.backends import quiet_expected_megatron_warnings
+
+    # Here and in every spawned rank (platform.spawn), before megatron-core is imported.
+    quiet_expected_megatron_warnings()
+    command, handler = argv[0], COMMANDS[argv[0]][1]
+    # Through the environment, so that the commands' own error handling sees it too.
+    saved = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return run_command(f"wmss {command}", lambda: handler(argv[1:]))
+    finally:
+        if saved is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = saved
 
 
 if __name__ == "__main__":

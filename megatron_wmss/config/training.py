@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MixConfig", "OptimConfig"]
+__all__ = ["RECOMPUTE", "MemoryConfig", "MixConfig", "OptimConfig"]
+
+#: Activation recomputation: none, selective (core attention), full (every layer).
+RECOMPUTE = ("none", "selective", "full")
 
 
 def _in_unit_interval(owner: str, name: str, value) -> None:
@@ -102,3 +105,40 @@ class OptimConfig:
     def weak_lr_mult(self) -> float:
         """Ratio of the weak model's learning rate to the strong model's."""
         return 1.0 if self.weak_lr is None else self.weak_lr / self.lr
+
+
+@dataclass
+class MemoryConfig:
+    """Memory features: sharded optimizer state and activation recomputation."""
+
+    distributed_optimizer: Optional[bool] = None
+    """Shard fp32 master weights and Adam moments over data-parallel ranks (megatron's
+    distributed optimizer, ZeRO-1); null: on with CUDA, off on CPU."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Overlap the gradient reduce(-scatter) with backward; null: on with CUDA."""
+    overlap_param_gather: Optional[bool] = None
+    """Distributed optimizer: overlap the parameter all-gather with the next forward; null: on
+    with CUDA."""
+    recompute: str = "none"
+    """Activation recomputation: none | selective (core attention) | full (every layer)."""
+
+    def __post_init__(self) -> None:
+        for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"memory.{name} must be true, false or null (auto), got "
+                                 f"{value!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"memory.recompute must be one of {list(RECOMPUTE)}, got "
+                             f"{self.recompute!r}")
+
+    def resolved(self, cuda: bool) -> "MemoryConfig":
+        """A copy with every null (auto) setting decided for this machine."""
+        dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
+        return MemoryConfig(
+            distributed_optimizer=dist_opt,
+            overlap_grad_reduce=cuda if self.overlap_grad_reduce is None
+            else self.overlap_grad_reduce,
+            overlap_param_gather=(cuda and dist_opt) if self.overlap_param_gather is None
+            else self.overlap_param_gather,
+            recompute=self.recompute)

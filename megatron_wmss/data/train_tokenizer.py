@@ -10,7 +10,6 @@ normalisation, whitespace kept, byte fallback for unseen characters. Prints a JS
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -21,6 +20,7 @@ from megatron_wmss.config.vocab import padded_vocab_size
 from megatron_wmss.data.schemas import SCHEMA_FIELDS, detect_schema, row_to_messages
 from megatron_wmss.data.sources import iter_json_records
 from megatron_wmss.data.tokenizers import SP_ROLE_MARKERS
+from megatron_wmss.platform.errors import ArgumentParser, run_command
 
 __all__ = ["corpus_lines", "main", "train_sentencepiece"]
 
@@ -114,10 +114,12 @@ def train_sentencepiece(inputs: Sequence[str], output_prefix: str, vocab_size: i
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: train, then print ``{"model", "vocab_size", "padded_vocab_size"}`` as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m megatron_wmss.data.train_tokenizer",
-                                     description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python -m megatron_wmss.data.train_tokenizer") -> int:
+    """CLI: train, then print ``{"model", "vocab_size", "padded_vocab_size"}`` as JSON.
+
+    Returns 0, or 2 after printing a bad input as one line ``{prog}: error: ...``."""
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True,
                         help="text, JSONL or JSON corpus file (repeat for several)")
     parser.add_argument("--output-prefix", required=True,
@@ -131,14 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="only for the padded_vocab_size printed")
     args = parser.parse_args(argv)
-    path = train_sentencepiece(args.input, args.output_prefix, args.vocab_size, args.model_type,
-                               args.max_sentences, args.character_coverage)
-    import sentencepiece as spm
 
-    size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
-    print(json.dumps({"model": path, "vocab_size": size,
-                      "padded_vocab_size": padded_vocab_size(size, args.tensor_parallel_size)}))
-    return 0
+    def body() -> None:
+        import sentencepiece as spm
+
+        path = train_sentencepiece(args.input, args.output_prefix, args.vocab_size,
+                                   args.model_type, args.max_sentences, args.character_coverage)
+        size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+        print(json.dumps({"model": path, "vocab_size": size, "padded_vocab_size":
+                          padded_vocab_size(size, args.tensor_parallel_size)}))
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

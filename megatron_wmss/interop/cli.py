@@ -4,17 +4,19 @@ Each parses its own arguments, checks the inputs in this process (so bad input f
 second, before any rank starts), then runs the collective conversion on ``tp × pp`` local
 ranks (gloo on CPU with the CPU shims, NCCL on GPUs) through the package's process launcher.
 Multi-node conversion is not offered here: call :func:`import_hf` from your own launcher.
-Each returns a process exit code: 0 on success, 1 on an error (printed to stderr).
+Each returns a process exit code: 0 on success, 2 on a user error (one line on stderr, also
+when a rank raised it; see :mod:`megatron_wmss.platform.errors`); other errors propagate with
+their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from megatron_wmss.interop.hf_io import SafetensorsCheckpoint, check_output_dir, read_json
+from megatron_wmss.platform.errors import ArgumentParser, UserError, run_command
 
 __all__ = ["export_main", "extract_main", "import_main"]
 
@@ -49,16 +51,16 @@ def _launch(worker: Callable, args: tuple, tp: int, pp: int, timeout: float) -> 
     run_distributed(worker, world_size=tp * pp, tp=tp, pp=pp, args=args, timeout=timeout)
 
 
-def _run(prog: str, body: Callable[[], None]) -> int:
-    from megatron_wmss.platform.spawn import DistributedRunError
+def _check_layout(model, tp: int, pp: int, source: str) -> None:
+    """Refuse a layout that cannot split ``model`` (a ModelConfig read from ``source``) before
+    any rank starts."""
+    from megatron_wmss.config import ParallelConfig
 
     try:
-        body()
-    except (FileExistsError, FileNotFoundError, KeyError, ValueError, TypeError,
-            DistributedRunError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        model.check_parallel(ParallelConfig(tensor_model_parallel_size=tp,
+                                            pipeline_model_parallel_size=pp))
+    except ValueError as err:
+        raise UserError(f"--tp {tp} --pp {pp} cannot split the model of {source}: {err}") from err
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +79,7 @@ def _positive(text: str) -> int:
 
 def import_main(argv: Sequence[str]) -> int:
     """``wmss import-hf --hf-dir D --out CKPT [--tp N --pp M]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="wmss import-hf",
         description="Convert an HF Llama/Qwen2/Qwen3 causal LM (safetensors) into a "
         "megatron-core distributed checkpoint with its model description and tokenizer.")
@@ -97,19 +99,20 @@ def import_main(argv: Sequence[str]) -> int:
 
         check_output_dir(args.out, args.overwrite)
         config = Path(args.hf_dir) / "config.json"
-        model_config_from_hf(read_json(config, "the HF model's config"), args.dtype,
-                             str(config))
+        model = model_config_from_hf(read_json(config, "the HF model's config"), args.dtype,
+                                     str(config))
+        _check_layout(model, args.tp, args.pp, str(config))
         SafetensorsCheckpoint(args.hf_dir)
         _launch(_import_worker, (args.hf_dir, args.out, args.overwrite, args.dtype),
                 args.tp, args.pp, args.timeout)
         print(f"wrote {args.out}")
 
-    return _run(parser.prog, body)
+    return run_command(parser.prog, body)
 
 
 def export_main(argv: Sequence[str]) -> int:
     """``wmss export-hf --ckpt CKPT --out D [--which strong|weak]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="wmss export-hf",
         description="Write a megatron checkpoint (single model, or the strong/weak half of a "
         "joint one) as an HF model directory: safetensors, config.json, tokenizer. Runs on "
@@ -140,12 +143,12 @@ def export_main(argv: Sequence[str]) -> int:
                 1, 1, args.timeout)
         print(f"wrote {args.out}")
 
-    return _run(parser.prog, body)
+    return run_command(parser.prog, body)
 
 
 def extract_main(argv: Sequence[str]) -> int:
     """``wmss extract --ckpt JOINT --out CKPT [--which strong|weak] [--tp N --pp M]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="wmss extract",
         description="Write the strong (or weak) model of a joint checkpoint as a single-model "
         "megatron checkpoint of the base architecture.")
@@ -163,9 +166,10 @@ def extract_main(argv: Sequence[str]) -> int:
         from megatron_wmss.interop.metadata import read_model_metadata
 
         check_output_dir(args.out, args.overwrite)
-        read_model_metadata(args.model_from or args.ckpt)
+        source = args.model_from or args.ckpt
+        _check_layout(read_model_metadata(source).model, args.tp, args.pp, source)
         _launch(_extract_worker, (args.ckpt, args.out, args.which, args.overwrite,
                                   args.model_from), args.tp, args.pp, args.timeout)
         print(f"wrote {args.out}")
 
-    return _run(parser.prog, body)
+    return run_command(parser.prog, body)

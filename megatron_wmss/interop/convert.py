@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megatron_wmss.config import ModelConfig, ParallelConfig
+from megatron_wmss.config import ModelConfig, ParallelConfig, params_dtype_for, torch_dtype
 from megatron_wmss.interop.hf_config import (
     architecture_of,
     hf_config_from_model_config,
@@ -30,12 +30,9 @@ from megatron_wmss.interop.hf_config import (
 )
 from megatron_wmss.interop.hf_io import (
     SafetensorsCheckpoint,
-    atomic_directory,
     check_output_dir,
     copy_tokenizer_files,
-    publish,
     read_json,
-    tmp_sibling,
     write_safetensors,
 )
 from megatron_wmss.interop.mapping import (
@@ -52,7 +49,8 @@ from megatron_wmss.interop.metadata import (
     write_model_metadata,
 )
 from megatron_wmss.models import build_gpt_model
-from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from megatron_wmss.platform.files import publishing_directory
+from megatron_wmss.training.checkpoint import load_model_checkpoint, write_model_checkpoint
 
 __all__ = [
     "build_stage_model",
@@ -64,33 +62,21 @@ __all__ = [
     "import_hf",
     "model_for_checkpoint",
     "save_with_metadata",
-    "shared_tmp_dir",
 ]
 
 _EMBEDDING = "embedding.word_embeddings.weight"
-_PARAMS_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # HF tensors that carry no weights of ours: RoPE tables some old checkpoints store.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def shared_tmp_dir(out: Path, tag: str) -> Path:
-    """Rank 0's temporary sibling of ``out``, the same path on every rank (a collective)."""
-    box = [str(tmp_sibling(out, tag))]
-    dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
 
 
 def save_with_metadata(model, out: Path, overwrite: bool, tag: str,
                        write_metadata: Callable[[Path], None]) -> Path:
     """Collectively write ``model``'s checkpoint, and rank 0's metadata files, into a temporary
-    sibling of ``out``; then publish it as ``out`` in one rename."""
-    tmp = shared_tmp_dir(out, tag)
-    save_model_checkpoint(model, tmp, overwrite=True)
-    if dist.get_rank() == 0:
-        write_metadata(tmp)
-        publish(tmp, out, overwrite)
-    dist.barrier()
+    sibling of ``out`` (named with ``tag``); then publish it as ``out`` in one rename."""
+    with publishing_directory(out, overwrite, collective=True, tag=tag) as tmp:
+        write_model_checkpoint(model, tmp)
+        if dist.get_rank() == 0:
+            write_metadata(tmp)
     return out
 
 
@@ -177,10 +163,10 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrit
     weights = SafetensorsCheckpoint(hf_dir)
     stored = weights.dtype_of("model.embed_tokens.weight")
     if params_dtype is None:
-        if stored not in _PARAMS_DTYPE:
-            raise ValueError(f"{hf_dir}: weights stored as {stored} are not supported; "
-                             f"supported: {sorted(_PARAMS_DTYPE)}")
-        params_dtype = _PARAMS_DTYPE[stored]
+        try:
+            params_dtype = params_dtype_for(stored)
+        except ValueError as err:
+            raise ValueError(f"{hf_dir}: {err}") from None
     cfg = model_config_from_hf(hf_config, params_dtype, source)
     _check_hf_names(weights, cfg)
 
@@ -283,8 +269,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_output_dir(out, overwrite)
     meta, model, cfg = _load_for_export(ckpt, which, model_from and str(model_from))
     dtype = dtype or meta.hf_dtype or cfg.params_dtype
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; supported: {sorted(_TORCH_DTYPES)}")
+    out_dtype = torch_dtype(dtype)  # ValueError naming the supported ones
     if meta.hf_config is not None:
         # The original config, verbatim but for the dtype actually written.
         hf_config = dict(meta.hf_config)
@@ -295,8 +280,8 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         arch = meta.hf_architecture or _default_architecture(cfg)
         hf_config = hf_config_from_model_config(meta.model, arch, dtype)
     if dist.get_rank() == 0:
-        tensors = {k: v.to(_TORCH_DTYPES[dtype]) for k, v in hf_state_dict(model, cfg).items()}
-        with atomic_directory(out, overwrite) as tmp:
+        tensors = {k: v.to(out_dtype) for k, v in hf_state_dict(model, cfg).items()}
+        with publishing_directory(out, overwrite) as tmp:
             write_safetensors(tensors, tmp, max_shard_size)
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
             if meta.tokenizer_dir is not None:

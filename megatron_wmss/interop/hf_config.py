@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_wmss.config import ModelConfig
+from megatron_wmss.config import ModelConfig, dtype_name, params_dtype_for
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -44,7 +44,6 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchitectureSpec] = {
 # HF defaults of fields that configs may omit (values of the transformers config classes).
 _DEFAULT_ROPE_THETA = 10000.0
 _DEFAULT_EPS = 1e-6
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def architecture_of(hf: dict[str, Any], source: str = "config.json") -> str:
@@ -60,7 +59,7 @@ def architecture_of(hf: dict[str, Any], source: str = "config.json") -> str:
 def hf_dtype(hf: dict[str, Any]) -> str | None:
     """The declared weight dtype (``dtype`` in transformers 5, ``torch_dtype`` before)."""
     value = hf.get("dtype", hf.get("torch_dtype"))
-    return _DTYPES.get(str(value).replace("torch.", "")) if value is not None else None
+    return dtype_name(value) if value is not None else None
 
 
 def _require(hf: dict, name: str, source: str):
@@ -133,8 +132,7 @@ def model_config_from_hf(hf: dict[str, Any], params_dtype: str | None = None,
     heads = int(_require(hf, "num_attention_heads", source))
     hidden = int(_require(hf, "hidden_size", source))
     if params_dtype is None:
-        declared = hf_dtype(hf) or "bfloat16"
-        params_dtype = "float32" if declared == "float16" else declared
+        params_dtype = params_dtype_for(hf_dtype(hf) or "bfloat16")
     qkv_bias = spec.qkv_bias if spec.qkv_bias is not None else False
     return ModelConfig(
         num_layers=int(_require(hf, "num_hidden_layers", source)),

@@ -1,25 +1,29 @@
-"""Files of an HF model directory: safetensors (single or sharded), tokenizer files, atomic dirs.
+"""Files of an HF model directory: safetensors (single or sharded), tokenizer files.
 
 Only safetensors are read: no pickle (``torch.load``) ever touches a downloaded file. Tensors
 are read lazily with ``safe_open``, one at a time, so a rank reads only what its shard needs.
+Output directories are published atomically by :mod:`megatron_wmss.platform.files`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megatron_wmss.platform.files import replace_directory
+from megatron_wmss.platform.errors import UserError
+from megatron_wmss.platform.files import check_output_dir, publishing_directory
+
+# Older names of the publishing helpers, for the callers that import them from here.
+atomic_directory = publishing_directory
 
 __all__ = [
     "INDEX_FILE",
@@ -30,9 +34,7 @@ __all__ = [
     "check_output_dir",
     "copy_tokenizer_files",
     "parse_size",
-    "publish",
     "read_json",
-    "tmp_sibling",
     "write_safetensors",
 ]
 
@@ -58,12 +60,15 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         index, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except json.JSONDecodeError as err:
+                raise UserError(f"{index} is not valid JSON ({err})") from err
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index}: no 'weight_map' (expected tensor name -> file)")
             self.files = {name: self.directory / f for name, f in weight_map.items()}
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
+            with _open_safetensors(single) as f:
                 self.files = {name: single for name in f.keys()}
         else:
             found = sorted(p.name for p in self.directory.glob("*.bin"))
@@ -85,16 +90,26 @@ class SafetensorsCheckpoint:
         """One tensor, read from its file (KeyError naming the tensor and the directory)."""
         if name not in self.files:
             raise KeyError(f"tensor {name!r} is not in the HF checkpoint {self.directory}")
-        with safe_open(self.files[name], framework="pt") as f:
+        with _open_safetensors(self.files[name]) as f:
             return f.get_tensor(name)
 
     def dtype_of(self, name: str) -> str:
         """The stored dtype of one tensor (``float32``, ``bfloat16``, ...), from its header."""
         if name not in self.files:
             raise KeyError(f"tensor {name!r} is not in the HF checkpoint {self.directory}")
-        with safe_open(self.files[name], framework="pt") as f:
+        with _open_safetensors(self.files[name]) as f:
             code = f.get_slice(name).get_dtype()
         return _SAFETENSORS_DTYPES.get(code, code)
+
+
+def _open_safetensors(path: Path):
+    """``safe_open(path)``; a truncated or corrupt file raises a UserError naming it (the
+    header and the file's length are checked on opening)."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise UserError(f"{path} is not a valid safetensors file (truncated or corrupt?): "
+                        f"{err}") from err
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -167,47 +182,6 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
     return copied
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output ``path`` unless ``overwrite`` (FileExistsError naming it)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output directory {path} exists; pass --overwrite "
-                              "(overwrite=True) to replace it")
-    return path
-
-
-def tmp_sibling(path: str | os.PathLike, tag: str) -> Path:
-    """A fresh path next to ``path`` (same filesystem, so the final rename is atomic)."""
-    path = Path(path)
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}"
-
-
-def publish(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Move a finished ``tmp`` directory to ``final`` (replacing it only with ``overwrite``)."""
-    check_output_dir(final, overwrite)
-    replace_directory(tmp, final)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it becomes ``path``.
-
-    Single-process use (rank 0). On an exception the temporary directory is removed and
-    ``path`` is left as it was.
-    """
-    final = check_output_dir(path, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(final, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        publish(tmp, final, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_json(path: str | os.PathLike, what: str | None = None) -> dict:

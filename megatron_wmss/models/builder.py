@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_wmss.config import ModelConfig, ParallelConfig
+from megatron_wmss.config import ModelConfig, ParallelConfig, torch_dtype
 from megatron_wmss.platform import apex_available, cuda_available, te_available
 
 __all__ = [
@@ -22,9 +22,6 @@ __all__ = [
     "transformer_config_kwargs",
     "use_transformer_engine",
 ]
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def use_transformer_engine(cfg: ModelConfig, te_usable: Optional[bool] = None) -> bool:
     """Whether layers use Transformer Engine; ``te_usable`` overrides detection (for tests)."""
@@ -43,7 +40,8 @@ def use_transformer_engine(cfg: ModelConfig, te_usable: Optional[bool] = None) -
 
 def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
                               on_cuda: Optional[bool] = None,
-                              has_apex: Optional[bool] = None) -> dict:
+                              has_apex: Optional[bool] = None,
+                              recompute: str = "none") -> dict:
     """Keyword arguments of megatron-core's ``TransformerConfig`` for ``cfg`` at this layout.
 
     A plain dict so the mapping (FP8 included) is testable where TE cannot be imported.
@@ -56,7 +54,7 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
     if parallel.sequence_parallel and not use_te:
         raise ValueError("ParallelConfig.sequence_parallel needs the Transformer Engine layer "
                          "spec (megatron's local spec has no sequence-parallel norm)")
-    dtype = _TORCH_DTYPES[cfg.params_dtype]
+    dtype = torch_dtype(cfg.params_dtype)
     on_cuda = cuda_available() if on_cuda is None else on_cuda
     has_apex = apex_available() if has_apex is None else has_apex
     kwargs = dict(
@@ -93,6 +91,13 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
         gradient_accumulation_fusion=use_te and has_apex,
         persist_layer_norm=False,
     )
+    if recompute == "selective":  # core attention only: the cheap-to-redo, large activations
+        kwargs.update(recompute_granularity="selective")
+    elif recompute == "full":  # every layer's input is kept, the rest recomputed
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    elif recompute != "none":
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     if cfg.fp8 is not None:
         if not use_te:
             raise ValueError(f"ModelConfig.fp8={cfg.fp8!r} needs the Transformer Engine spec")
@@ -104,11 +109,13 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
     return kwargs
 
 
-def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool):
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
+                       recompute: str = "none"):
     """megatron-core ``TransformerConfig`` for ``cfg`` (see :func:`transformer_config_kwargs`)."""
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(cfg, parallel, use_te=use_te))
+    return TransformerConfig(**transformer_config_kwargs(cfg, parallel, use_te=use_te,
+                                                         recompute=recompute))
 
 
 def layer_spec(cfg: ModelConfig, use_te: bool):
@@ -129,11 +136,13 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     use_te: Optional[bool] = None,
+    recompute: str = "none",
 ):
     """One ``GPTModel`` for this rank's pipeline stage, on the default device; its loss covers
     the ``cfg.vocab_size`` real vocabulary columns only (:class:`WMSSGPTModel`).
 
     Call after megatron's parallel state and ``model_parallel_cuda_manual_seed`` are set up.
+    ``recompute``: activation recomputation, none | selective | full.
     ``pre_process`` / ``post_process`` default to whether this rank holds the first / last
     pipeline stage.
     """
@@ -146,7 +155,7 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     te = use_transformer_engine(cfg) if use_te is None else use_te
-    tc = transformer_config(cfg, parallel, use_te=te)
+    tc = transformer_config(cfg, parallel, use_te=te, recompute=recompute)
     model = WMSSGPTModel(
         real_vocab_size=cfg.vocab_size,
         config=tc,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import re
+import warnings
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apex_available", "cuda_available", "default_device", "te_available"]
+__all__ = ["apex_available", "cuda_available", "default_device",
+           "quiet_expected_megatron_warnings", "te_available"]
 
 
 def cuda_available() -> bool:
@@ -51,3 +54,27 @@ def te_available() -> bool:
 def apex_available() -> bool:
     """True when CUDA is present and NVIDIA Apex (not the unrelated PyPI ``apex``) imports."""
     return _importable("apex.normalization")
+
+
+# What megatron-core 0.16 warns at import / model build when Transformer Engine and Apex are
+# absent (it falls back to torch optimizers, local multi-tensor kernels and torch norms).
+_FALLBACK_WARNINGS = (("Transformer Engine and Apex are not installed", UserWarning),
+                      ("Apex is not installed", UserWarning))
+# Warned about megatron-core's own choices on any device: every TransformerConfig that keeps its
+# default cuda_graph_scope="full", and dist_checkpointing's calls of deprecated torch APIs.
+_MEGATRON_DEPRECATIONS = (("full scope is deprecated", UserWarning),
+                          ("`load_state_dict` is deprecated", FutureWarning),
+                          ("Please use DTensor instead and we are deprecating ShardedTensor",
+                           FutureWarning))
+
+
+def quiet_expected_megatron_warnings() -> None:
+    """Hide megatron-core warnings that say nothing a user can act on, in this process.
+
+    Without CUDA the TE/Apex fallbacks are the intended path (the local spec), so their warnings
+    are hidden; with CUDA they are kept, since there they mean a degraded install. Call before
+    megatron-core is imported (its fallback warnings are issued at import time).
+    """
+    hidden = _MEGATRON_DEPRECATIONS + (() if cuda_available() else _FALLBACK_WARNINGS)
+    for message, category in hidden:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)

@@ -10,14 +10,16 @@ megatron's parallel state with the given tensor/pipeline sizes (data parallel is
 calls ``fn(*args, **kwargs)`` on every rank and returns the per-rank results in rank order.
 
 A rank that raises makes the whole run raise :class:`DistributedRunError` carrying that rank's
-traceback; a run that outlives ``timeout`` seconds (a hung collective, say) kills every rank and
-raises naming the ranks that never finished. ``fn`` must be a module-level function and its
-arguments and result picklable, since ranks are started with ``spawn``.
+traceback, exception type and message; a run that outlives ``timeout`` seconds (a hung
+collective, say) kills every rank and raises naming the ranks that never finished. ``fn`` must
+be a module-level function and its arguments and result picklable, since ranks are started
+with ``spawn``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import pickle
@@ -27,11 +29,48 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-__all__ = ["DistributedRunError", "run_distributed"]
+from megatron_wmss.platform.errors import exception_message, is_user_error
+
+__all__ = ["DistributedRunError", "RankFailure", "run_distributed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankFailure:
+    """What one rank raised, as sent to the parent (exceptions themselves may not pickle)."""
+
+    rank: int
+    exc_type: str
+    """The exception class name, e.g. ``ValueError``."""
+    exc_message: str
+    traceback: str
+    user_error: bool
+    """See :func:`megatron_wmss.platform.errors.is_user_error`."""
 
 
 class DistributedRunError(RuntimeError):
-    """A distributed run failed on some rank or timed out; the message holds the traceback."""
+    """A distributed run failed on some rank or timed out.
+
+    ``str()`` is the full report: every failing rank's traceback, the first to fail first.
+    ``failures`` holds them as :class:`RankFailure` in that order (empty on a time-out or when a
+    rank died without reporting); ``rank``, ``exc_type``, ``exc_message`` and ``traceback`` are
+    the first failure's, None when there is none.
+    """
+
+    def __init__(self, report: str, failures: Sequence[RankFailure] = ()) -> None:
+        super().__init__(report)
+        self.failures = list(failures)
+        first = self.failures[0] if self.failures else None
+        self.rank = None if first is None else first.rank
+        self.exc_type = None if first is None else first.exc_type
+        self.exc_message = None if first is None else first.exc_message
+        self.traceback = None if first is None else first.traceback
+
+    def __reduce__(self):
+        return type(self), (str(self), self.failures)
+
+    def user_failure(self) -> RankFailure | None:
+        """The first failure that is a user error (its peers often fail only as a result)."""
+        return next((f for f in self.failures if f.user_error), None)
 
 
 def _rank_main(
@@ -49,6 +88,9 @@ def _rank_main(
     # oversubscription makes gloo runs slower by an order of magnitude.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        from megatron_wmss.platform.backends import quiet_expected_megatron_warnings
+
+        quiet_expected_megatron_warnings()
         import torch
         import torch.distributed as dist
 
@@ -78,8 +120,9 @@ def _rank_main(
         # Plain pickle copies tensors by value; torch's queue reducers would share memory
         # that vanishes with this process before the parent reads it.
         results.put((rank, True, pickle.dumps(value)))
-    except BaseException:  # noqa: BLE001 - everything must reach the parent
-        results.put((rank, False, traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+        results.put((rank, False, RankFailure(rank, type(exc).__name__, exception_message(exc),
+                                              traceback.format_exc(), is_user_error(exc))))
 
 
 def run_distributed(
@@ -93,6 +136,7 @@ def run_distributed(
     timeout: float = 300.0,
     skip_shims: Sequence[str] = (),
     device: str = "auto",
+    forward_signals: Sequence[int] = (),
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order.
 
@@ -103,6 +147,8 @@ def run_distributed(
     ``world_size`` GPUs (NCCL cannot put two ranks of a group on one GPU), gloo on CPU
     otherwise; ``device="cpu"`` hides every GPU from the ranks (``CUDA_VISIBLE_DEVICES=""``
     before they start), so they run on CPU with gloo and the CPU shims on any machine.
+    ``forward_signals``: signals this process passes on to every rank while they run (a
+    launcher's SIGTERM/SIGUSR1 must reach the trainers it started).
     """
     if device not in ("auto", "cpu"):
         raise ValueError(f"device must be 'auto' or 'cpu', got {device!r}")
@@ -137,11 +183,31 @@ def run_distributed(
                 proc.start()
         ok = False
         try:
-            values = _collect(procs, results, world_size, timeout, fn)
+            with _forwarding(forward_signals, procs):
+                values = _collect(procs, results, world_size, timeout, fn)
             ok = True
             return [pickle.loads(v) for v in values]
         finally:
             _stop(procs, grace=30.0 if ok else 0.0)
+
+
+@contextlib.contextmanager
+def _forwarding(signals: Sequence[int], procs):
+    """While inside, deliver each of ``signals`` received here to every live rank."""
+    import signal as signal_module
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+
+    previous = {sig: signal_module.signal(sig, forward) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal_module.signal(sig, handler)
 
 
 def _gpu_count() -> int:
@@ -218,15 +284,18 @@ def _collect(procs, results, world_size, timeout, fn) -> list[Any]:
                     )
             continue
         if not ok:
-            raise DistributedRunError(_failure_report(fn, rank, value, results))
+            raise DistributedRunError(*_failure_report(fn, value, results))
         values[rank] = value
     return [values[r] for r in range(world_size)]
 
 
-def _failure_report(fn, rank: int, trace: str, results, grace: float = 2.0) -> str:
+def _failure_report(fn, first: RankFailure, results, grace: float = 2.0
+                    ) -> tuple[str, list[RankFailure]]:
     """The first failing rank's traceback, then those of ranks that failed right after it
-    (often only because their peer went away), so the root cause reads first."""
-    report = [f"{fn.__name__} failed on rank {rank}:\n{trace}"]
+    (often only because their peer went away), so the root cause reads first; and the
+    failures in that order."""
+    failures = [first]
+    report = [f"{fn.__name__} failed on rank {first.rank}:\n{first.traceback}"]
     deadline = time.monotonic() + grace
     while (remaining := deadline - time.monotonic()) > 0:
         try:
@@ -234,5 +303,6 @@ def _failure_report(fn, rank: int, trace: str, results, grace: float = 2.0) -> s
         except queue.Empty:
             break
         if not ok:
-            report.append(f"then on rank {other}:\n{value}")
-    return "\n".join(report)
+            failures.append(value)
+            report.append(f"then on rank {other}:\n{value.traceback}")
+    return "\n".join(report), failures

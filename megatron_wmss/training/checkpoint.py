@@ -1,24 +1,24 @@
 """Model checkpoints in megatron-core's distributed format (``torch_dist``), resharding on load.
 
 A checkpoint written at one tensor/pipeline layout loads at any other: megatron's sharded
-state dicts carry each tensor's global shape and offsets. Writes are atomic: ranks write into
-``<dir>.tmp-<pid>`` and rank 0 renames it into place after everyone finished, so a crash never
-leaves a half-written checkpoint under the final name (and an overwrite keeps the old one aside
-until the new one is in place).
+state dicts carry each tensor's global shape and offsets. Writes are atomic
+(:func:`megatron_wmss.platform.files.publishing_directory`): ranks write into a temporary
+sibling that rank 0 renames into place after everyone finished, so a crash never leaves a
+half-written checkpoint under the final name (and an overwrite keeps the old one aside until
+the new one is in place).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megatron_wmss.platform.files import replace_directory
+from megatron_wmss.platform.files import publishing_directory
 
-__all__ = ["load_model_checkpoint", "save_model_checkpoint", "unwrap_model"]
+__all__ = ["load_model_checkpoint", "save_model_checkpoint", "unwrap_model",
+           "write_model_checkpoint"]
 
 
 def unwrap_model(model):
@@ -28,10 +28,15 @@ def unwrap_model(model):
     return model
 
 
-def _broadcast_str(value: str) -> str:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def write_model_checkpoint(model, directory: str | os.PathLike) -> None:
+    """Collectively write ``model``'s weights into the existing, empty ``directory``, in place.
+
+    The building block of :func:`save_model_checkpoint`, for writers that add files of their
+    own to the checkpoint before publishing it.
+    """
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(directory))
 
 
 def save_model_checkpoint(model, directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -39,23 +44,9 @@ def save_model_checkpoint(model, directory: str | os.PathLike, overwrite: bool =
 
     Every rank must call this. Refuses an existing ``directory`` unless ``overwrite``.
     """
-    from megatron.core import dist_checkpointing
-
-    final = Path(directory)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"checkpoint directory {final} exists; pass overwrite=True to "
-                              "replace it")
-    tmp = Path(_broadcast_str(f"{final}.tmp-{os.getpid()}"))
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        replace_directory(tmp, final)
-    dist.barrier()
-    return final
+    with publishing_directory(directory, overwrite, collective=True) as tmp:
+        write_model_checkpoint(model, tmp)
+    return Path(directory)
 
 
 def load_model_checkpoint(model, directory: str | os.PathLike, prefix: str = "") -> None:

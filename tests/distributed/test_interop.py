@@ -343,7 +343,7 @@ def test_cli_bf16_import_at_tp2_then_export_round_trips(tmp_path, capsys):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     # An existing output is refused before any rank starts, and replaced with --overwrite.
-    assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 1
+    assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "stale.txt").is_file()
     assert export_main(["--ckpt", str(ckpt), "--out", str(out), "--overwrite"]) == 0

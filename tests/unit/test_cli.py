@@ -31,3 +31,90 @@ def test_train_tokenizer_command_writes_a_usable_model(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["model"].endswith("sp.model") and (tmp_path / "sp.model").is_file()
     assert out["padded_vocab_size"] % 128 == 0 and out["padded_vocab_size"] >= out["vocab_size"]
+
+
+def test_bad_argument_is_one_line_with_exit_status_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import-hf", "--hf-dir", "d", "--out", "o", "--pp", "0"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "wmss import-hf: error: argument --pp: must be >= 1, got 0 (see `wmss import-hf -h`)"]
+
+
+def test_user_errors_and_bugs_are_told_apart():
+    from megatron_wmss.platform.errors import UserError, is_user_error
+
+    for exc in (UserError("x"), ValueError("x"), FileNotFoundError("x"), FileExistsError("x"),
+                KeyError("tensor 'w' is not in the HF checkpoint d")):
+        assert is_user_error(exc), exc
+    # A bare missing key is a bug, as are these.
+    for exc in (KeyError("w"), RuntimeError("x"), AssertionError("x"), TypeError("x")):
+        assert not is_user_error(exc), exc
+
+
+def _rank_error(*failures):
+    from megatron_wmss.platform.spawn import DistributedRunError, RankFailure
+
+    return DistributedRunError("report", [RankFailure(r, t, m, "tb", u)
+                                          for r, t, m, u in failures])
+
+
+def test_run_command_prints_the_first_rank_user_error_in_one_line(capsys, monkeypatch):
+    import pickle
+
+    from megatron_wmss.platform.errors import run_command
+
+    monkeypatch.delenv("WMSS_DEBUG", raising=False)
+    err = _rank_error((1, "RuntimeError", "peer gone", False),
+                      (0, "KeyError", "tensor 'w' is\nnot in d", True))
+    again = pickle.loads(pickle.dumps(err))  # the failures survive pickling
+    assert str(again) == "report" and again.failures == err.failures and again.rank == 1
+
+    def fail(exc):
+        def body():
+            raise exc
+        return body
+
+    assert run_command("wmss x", fail(err)) == 2
+    assert capsys.readouterr().err == "wmss x: error: tensor 'w' is not in d\n"
+    assert run_command("wmss x", fail(KeyError("tensor 'w' is not in d"))) == 2
+    assert capsys.readouterr().err == "wmss x: error: tensor 'w' is not in d\n"  # no quotes
+    bug = _rank_error((0, "AssertionError", "shapes differ", False))
+    with pytest.raises(type(bug)):  # no user error among the failures: a bug, traceback
+        run_command("wmss x", fail(bug))
+    with pytest.raises(RuntimeError):
+        run_command("wmss x", fail(RuntimeError("internal")))
+    monkeypatch.setenv("WMSS_DEBUG", "1")
+    assert run_command("wmss x", fail(ValueError("bad --tp"))) == 2
+    err_text = capsys.readouterr().err
+    assert "Traceback" in err_text and err_text.endswith("wmss x: error: bad --tp\n")
+
+
+def test_debug_flag_is_scoped_to_the_command(capsys, monkeypatch):
+    import os
+
+    monkeypatch.delenv("WMSS_DEBUG", raising=False)
+    assert cli.main(["--debug", "env"]) == 0
+    assert "WMSS_DEBUG" not in os.environ
+    json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_fallback_warnings_are_hidden_only_without_cuda(monkeypatch, cuda):
+    import warnings
+
+    from megatron_wmss.platform import backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: cuda)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backends.quiet_expected_megatron_warnings()
+        warnings.warn("Apex is not installed. Falling back to Torch Norm")
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch "
+                      "optimizers.")
+        warnings.warn("full scope is deprecated. Use empty cuda_graph_scope to capture the "
+                      "whole layer.")
+        warnings.warn("an unrelated warning")
+    shown = [str(w.message) for w in caught]
+    assert shown[-1] == "an unrelated warning"
+    assert len(shown) == (3 if cuda else 1), shown  # the deprecation is hidden on any device

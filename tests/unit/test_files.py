@@ -1,8 +1,9 @@
-"""Directory replacement keeps a complete copy on disk at every instant."""
+"""Publishing directories: a complete copy on disk at every instant, nothing half-written."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,85 @@ def test_crash_during_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.old-")]
     assert len(kept) == 1 and (kept[0] / "weights").read_text() == "old"
     assert (tmp_path / "ckpt.tmp" / "weights").read_text() == "new"
+
+
+def test_publishing_directory_syncs_every_file_before_the_rename(tmp_path, monkeypatch):
+    final = _dir(tmp_path / "ckpt", "old")
+    events, real_replace = [], os.replace
+    monkeypatch.setattr(files, "_fsync", lambda path: events.append(("sync", str(path))))
+    monkeypatch.setattr(files.os, "replace",
+                        lambda src, dst: (events.append(("rename", str(dst))),
+                                          real_replace(src, dst)))
+    with files.publishing_directory(final, overwrite=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "shard").write_text("new")
+        (tmp / "weights").write_text("new")
+    renamed_in = events.index(("rename", str(final)))
+    synced = {path for kind, path in events[:renamed_in] if kind == "sync"}
+    assert synced == {str(tmp), str(tmp / "sub"), str(tmp / "sub" / "shard"),
+                      str(tmp / "weights")}
+    assert ("sync", str(tmp_path)) in events[renamed_in:]  # the renames themselves
+    assert (final / "sub" / "shard").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_publishing_directory_failure_leaves_the_old_output_and_no_temporary(tmp_path):
+    final = _dir(tmp_path / "ckpt", "old")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        with files.publishing_directory(final):
+            pass
+    with pytest.raises(RuntimeError, match="crash"):
+        with files.publishing_directory(final, overwrite=True) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (final / "weights").read_text() == "old"
+
+
+def test_an_output_that_appears_while_writing_is_not_replaced(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="out"):
+        with files.publishing_directory(final) as tmp:
+            (tmp / "weights").write_text("mine")
+            _dir(final, "someone else's")
+    assert (final / "weights").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _collective_write(root: str, fail_rank: int | None, overwrite: bool = False) -> str:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    try:
+        with files.publishing_directory(f"{root}/ckpt", overwrite, collective=True) as tmp:
+            (tmp / f"rank{rank}").write_text(str(rank))
+            if rank == fail_rank:
+                raise ValueError(f"rank {rank} broke")
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank saw
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def _three_collective_writes(root: str) -> list[tuple[str, list[str]]]:
+    """A fresh write, a refused one, a failing overwrite; what this rank saw after each."""
+    seen = []
+    for fail_rank, overwrite in ((None, False), (None, False), (1, True)):
+        outcome = _collective_write(root, fail_rank, overwrite)
+        seen.append((outcome, sorted(p.relative_to(root).as_posix()
+                                     for p in Path(root).rglob("*"))))
+    return seen
+
+
+def test_collective_publishing_is_all_or_nothing(tmp_path):
+    from megatron_wmss.testing import run_distributed
+
+    published = ["ckpt", "ckpt/rank0", "ckpt/rank1"]
+    rank0, rank1 = run_distributed(_three_collective_writes, 2, args=(str(tmp_path),))
+    # Rank-parallel writers: one directory, visible to every rank once every rank finished.
+    assert rank0[0] == rank1[0] == ("ok", published)
+    # Every rank refuses the existing output alike (rank 0 checks, all raise).
+    assert rank0[1][0].startswith("FileExistsError") and rank1[1][0] == rank0[1][0]
+    # One rank fails: nobody publishes, the others learn which rank failed, no leftovers.
+    assert rank1[2][0] == "ValueError: rank 1 broke"
+    assert rank0[2][0].startswith("RuntimeError: rank(s) [1]"), rank0[2]
+    assert rank0[2][1] == published

@@ -192,7 +192,7 @@ def test_cli_import_bad_input_fails_fast_with_a_clear_error(tmp_path, capsys, ca
     out = tmp_path / "ckpt"
     if case == "exists":
         out.mkdir()
-    assert import_main(["--hf-dir", str(hf), "--out", str(out)]) == 1
+    assert import_main(["--hf-dir", str(hf), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wmss import-hf: error:") and needle in err, err
 
@@ -200,9 +200,9 @@ def test_cli_import_bad_input_fails_fast_with_a_clear_error(tmp_path, capsys, ca
 def test_cli_export_without_model_description_fails_fast(tmp_path, capsys):
     from megatron_wmss.interop.cli import export_main, extract_main
 
-    assert export_main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 1
+    assert export_main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
     assert "wmss_model.json" in capsys.readouterr().err
-    assert extract_main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    assert extract_main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "--model-from" in capsys.readouterr().err
 
 
