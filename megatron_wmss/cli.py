@@ -68,9 +68,23 @@ def _extract(argv: Sequence[str]) -> int:
     return extract_main(list(argv))
 
 
+def _sft(argv: Sequence[str]) -> int:
+    from megatron_wmss.training.cli import train_main
+
+    return train_main("sft", argv)
+
+
+def _joint(argv: Sequence[str]) -> int:
+    from megatron_wmss.training.cli import train_main
+
+    return train_main("joint", argv)
+
+
 # name -> (help, handler taking the command's own arguments)
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "env": ("show versions and which GPU libraries are usable", _env),
+    "sft": ("phase 1: supervised fine-tuning from a YAML recipe (resumable)", _sft),
+    "joint": ("phase 3: joint strong/weak training on the mixed logits (resumable)", _joint),
     "train-tokenizer": ("train a SentencePiece tokenizer on a text/JSONL corpus", _train_tokenizer),
     "import-hf": ("convert a Hugging Face Llama/Qwen2/Qwen3 model into a megatron checkpoint",
                   _import_hf),

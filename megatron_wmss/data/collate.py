@@ -87,11 +87,14 @@ def collate_sft(samples: Sequence[Mapping[str, Any]], *, pad_id: int,
 
 def build_sft_loader(data: TokenizedSFT, config: DataConfig, *, pad_id: int, dp_rank: int,
                      dp_size: int, consumed_samples: int = 0, num_epochs: int | None = 1,
-                     drop_last: bool = True, num_workers: int = 0) -> torch.utils.data.DataLoader:
+                     drop_last: bool = True, num_workers: int = 0,
+                     epoch_multiple: int | None = None) -> torch.utils.data.DataLoader:
     """Micro-batches of this data-parallel rank, resumed after ``consumed_samples`` (global).
 
     Visits every kept sample once per epoch, or, when ``config.active_set`` names a file, the
-    samples it lists, each as often as it is listed.
+    samples it lists, each as often as it is listed. ``epoch_multiple``: see
+    :class:`DistributedEpochSampler` (the trainer drops the part of an epoch that does not
+    fill a global batch).
     """
     import torch
 
@@ -101,7 +104,7 @@ def build_sft_loader(data: TokenizedSFT, config: DataConfig, *, pad_id: int, dp_
     sampler = DistributedEpochSampler(
         rows, micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=config.seed, consumed_samples=consumed_samples, shuffle=config.shuffle,
-        drop_last=drop_last, num_epochs=num_epochs)
+        drop_last=drop_last, num_epochs=num_epochs, epoch_multiple=epoch_multiple)
     collate = functools.partial(collate_sft, pad_id=pad_id,
                                 pad_to_multiple_of=config.pad_to_multiple_of,
                                 pad_to_length=config.padded_length)

@@ -28,11 +28,14 @@ class DistributedEpochSampler:
     repeat (an active set with multiplicity). With ``drop_last`` the tail of an epoch shorter than
     one global micro-step is left out of that epoch (``dropped_per_epoch`` says how many); without
     it the last step is partial and some ranks get a short or no last micro-batch.
+    ``epoch_multiple`` (with ``drop_last``): cut each epoch to a multiple of this many samples
+    instead (the trainer passes its global batch size).
     """
 
     def __init__(self, rows: int | Sequence[int], *, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, consumed_samples: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, num_epochs: int | None = 1) -> None:
+                 drop_last: bool = True, num_epochs: int | None = 1,
+                 epoch_multiple: int | None = None) -> None:
         for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
                                  ("seed", seed, 0), ("consumed_samples", consumed_samples, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -49,7 +52,13 @@ class DistributedEpochSampler:
         self.seed, self.shuffle, self.num_epochs = int(seed), shuffle, num_epochs
         self.step_samples = self.micro_batch_size * self.dp_size
         n = self.rows.size
-        self.samples_per_epoch = (n // self.step_samples) * self.step_samples if drop_last else n
+        # An epoch is cut to a multiple of one global micro-step (or of ``epoch_multiple``, a
+        # multiple of it: a global batch), so every rank runs the same micro-batch count.
+        multiple = self.step_samples if epoch_multiple is None else int(epoch_multiple)
+        if multiple % self.step_samples:
+            raise ValueError(f"epoch_multiple = {epoch_multiple!r} is invalid; allowed: a "
+                             f"multiple of micro_batch_size x dp_size = {self.step_samples}")
+        self.samples_per_epoch = (n // multiple) * multiple if drop_last else n
         if self.samples_per_epoch == 0:
             raise ValueError(f"{n} samples do not fill one global micro-step of micro_batch_size "
                              f"{micro_batch_size} x dp_size {dp_size}; lower either or add data")

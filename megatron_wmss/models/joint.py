@@ -19,10 +19,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_wmss.loss import mixed_cross_entropy
+from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics
 from megatron_wmss.loss.vocab_parallel import check_mix_lambda
 
-__all__ = ["JointGPTModel", "finalize_joint_model_grads"]
+__all__ = ["DIAGNOSTIC_FIELDS", "JointGPTModel", "finalize_joint_model_grads"]
+
+#: Saturation statistics reported per distribution (strong, weak, mixed), token means.
+DIAGNOSTIC_FIELDS = ("entropy", "target_prob", "margin", "logit_std")
+_DISTRIBUTIONS = ("strong", "weak", "mixed")
 
 
 class JointGPTModel(MegatronModule):
@@ -66,6 +70,42 @@ class JointGPTModel(MegatronModule):
         self.tp_group = tp_group
         if freeze_weak:
             self.weak.requires_grad_(False)
+        self._diagnostics_on = False
+        self._diagnostic_sums = None  # [3 distributions x 4 fields + 1 token count], fp64
+
+    def record_diagnostics(self, enabled: bool) -> None:
+        """Accumulate the saturation statistics over the following forward passes (costs one
+        MAX and one SUM all-reduce over the tensor-parallel group per micro-batch)."""
+        self._diagnostics_on = bool(enabled)
+        self._diagnostic_sums = None
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Token means since :meth:`record_diagnostics` over the global batch, keyed
+        ``"<strong|weak|mixed>/<field>"`` (collective over data- and pipeline-parallel
+        groups: only the last stage holds statistics). Stops recording."""
+        from megatron_wmss.platform import default_device
+
+        sums = self._diagnostic_sums
+        if sums is None:
+            sums = torch.zeros(len(_DISTRIBUTIONS) * len(DIAGNOSTIC_FIELDS) + 1,
+                               dtype=torch.float64, device=default_device())
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        self.record_diagnostics(False)
+        count = float(sums[-1])
+        keys = [f"{d}/{f}" for d in _DISTRIBUTIONS for f in DIAGNOSTIC_FIELDS]
+        return {key: float(value) / count if count else float("nan")
+                for key, value in zip(keys, sums[:-1].tolist())}
+
+    def _accumulate_diagnostics(self, strong_out, weak_out, labels) -> None:
+        stats = mixed_logit_diagnostics(strong_out.detach(), weak_out.detach(), labels,
+                                        self.mix_lambda, tp_group=self.tp_group,
+                                        vocab_size=self.real_vocab_size)
+        parts = [getattr(stats[d], f).sum() for d in _DISTRIBUTIONS for f in DIAGNOSTIC_FIELDS]
+        parts.append(stats["strong"].valid.sum())
+        sums = torch.stack([p.to(torch.float64) for p in parts])
+        self._diagnostic_sums = sums if self._diagnostic_sums is None else \
+            self._diagnostic_sums + sums
 
     def set_mix_lambda(self, mix_lambda: float) -> None:
         """Set λ for the following forward passes (the optional linear ramp calls this)."""
@@ -99,6 +139,8 @@ class JointGPTModel(MegatronModule):
             return torch.cat([strong_out, weak_out], dim=-1)
         if labels is None:
             return strong_out, weak_out
+        if self._diagnostics_on:
+            self._accumulate_diagnostics(strong_out, weak_out, labels)
         return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
                                    tp_group=self.tp_group, vocab_size=self.real_vocab_size)
 

@@ -79,9 +79,7 @@ def _rank_main(
     store_path: str,
     parallel: tuple[int, int],
     skip_shims: tuple[str, ...],
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
+    call: bytes,
     results: "mp.Queue",
 ) -> None:
     # One intra-op thread per rank: several ranks share the machine's few cores, and
@@ -91,6 +89,9 @@ def _rank_main(
         from megatron_wmss.platform.backends import quiet_expected_megatron_warnings
 
         quiet_expected_megatron_warnings()
+        # Unpickled only now: loading fn's module may import megatron-core, whose import-time
+        # warnings the filter above must already cover.
+        fn, args, kwargs = pickle.loads(call)
         import torch
         import torch.distributed as dist
 
@@ -161,6 +162,7 @@ def run_distributed(
             f"world_size={world_size} must be a multiple of tp*pp (tp={tp}, pp={pp}), "
             "with tp >= 1 and pp >= 1"
         )
+    call = pickle.dumps((fn, tuple(args), dict(kwargs or {})))
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="wmss-dist-") as tmp:
@@ -169,8 +171,7 @@ def run_distributed(
             ctx.Process(
                 target=_rank_main,
                 args=(
-                    rank, world_size, store_path, (tp, pp), tuple(skip_shims),
-                    fn, tuple(args), dict(kwargs or {}), results,
+                    rank, world_size, store_path, (tp, pp), tuple(skip_shims), call, results,
                 ),
                 name=f"wmss-rank{rank}",
                 # Not daemonic: ranks may start children (dist_checkpointing's writer Manager).

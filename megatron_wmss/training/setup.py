@@ -6,6 +6,7 @@ One function for both paths: plain SFT of one model (phase 1) and joint strong/w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_wmss.config import (
+    MemoryConfig,
     MixConfig,
     ModelConfig,
     OptimConfig,
@@ -20,7 +22,8 @@ from megatron_wmss.config import (
     check_same_architecture,
 )
 from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
-from megatron_wmss.platform import apply_cpu_shims
+from megatron_wmss.platform import apply_cpu_shims, cuda_available
+from megatron_wmss.platform.distrib_optimizer import apply_distributed_optimizer_fix
 from megatron_wmss.training.checkpoint import load_model_checkpoint
 
 __all__ = ["TrainingSetup", "is_weak_param", "setup_training"]
@@ -34,6 +37,7 @@ class TrainingSetup:
     optimizer: object  # megatron MegatronOptimizer
     scheduler: object  # megatron OptimizerParamScheduler
     mix: Optional[MixConfig]
+    memory: Optional[MemoryConfig] = None  # resolved: no null (auto) settings left
     step: int = 0
 
     @property
@@ -61,7 +65,14 @@ def is_weak_param(name: str) -> bool:
     return ".weak." in f".{name}"
 
 
-def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int):
+def warmup_steps(fraction: float, total_steps: int) -> int:
+    """Linear warm-up steps for ``fraction`` of ``total_steps``, rounded up: a non-zero
+    fraction never rounds to no warm-up (10% of 5 steps is 1 step, not 0)."""
+    return math.ceil(fraction * total_steps) if fraction > 0 else 0
+
+
+def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int,
+               distributed: bool):
     from megatron.core.optimizer import (
         OptimizerConfig,
         get_megatron_optimizer,
@@ -76,7 +87,7 @@ def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int):
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed,
     )
     overrides = get_standard_config_overrides(opt_cfg)
     if optim.weak_lr is not None:
@@ -85,7 +96,7 @@ def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int):
         overrides[weak] = {"max_lr": optim.weak_lr,
                            "min_lr": optim.min_lr * optim.weak_lr_mult}
     optimizer = get_megatron_optimizer(opt_cfg, chunks, config_overrides=overrides)
-    warmup = int(round(optim.warmup_fraction * total_steps))
+    warmup = warmup_steps(optim.warmup_fraction, total_steps)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
@@ -115,12 +126,15 @@ def setup_training(
     mix: Optional[MixConfig] = None,
     weak_cfg: Optional[ModelConfig] = None,
     seed: int = 1234,
+    memory: Optional[MemoryConfig] = None,
 ) -> TrainingSetup:
     """Build the model(s) for this rank's stage, wrap in megatron DDP, build optimizer/schedule.
 
     ``mix=None`` gives plain SFT of one model; otherwise a :class:`JointGPTModel` whose weak
     model uses ``weak_cfg`` (default: ``model_cfg``). Weights are freshly initialized from
-    ``seed``; load checkpoints afterwards to start from trained models.
+    ``seed``; load checkpoints afterwards to start from trained models. ``memory`` chooses
+    the distributed optimizer, communication overlap and activation recomputation (default:
+    :class:`MemoryConfig`'s automatic choices for this machine).
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -140,24 +154,31 @@ def setup_training(
         raise ValueError(f"ParallelConfig says tp={parallel.tensor_model_parallel_size}, "
                          f"pp={parallel.pipeline_model_parallel_size} but megatron's parallel "
                          f"state was initialized with tp={tp}, pp={pp}")
+    memory = (memory or MemoryConfig()).resolved(cuda_available())
+    if memory.distributed_optimizer:
+        apply_distributed_optimizer_fix()  # no-op where TE/Apex provide FusedAdam
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    model = build_gpt_model(model_cfg, parallel)
+    model = build_gpt_model(model_cfg, parallel, recompute=memory.recompute)
     if mix is not None:
-        weak = build_gpt_model(weak_cfg, parallel)
+        weak = build_gpt_model(weak_cfg, parallel, recompute=memory.recompute)
         model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
 
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+            grad_reduce_in_fp32=True, overlap_grad_reduce=memory.overlap_grad_reduce,
+            use_distributed_optimizer=memory.distributed_optimizer,
+            overlap_param_gather=memory.overlap_param_gather),
         module=model,
     )
     chunks = [ddp]
-    optimizer, scheduler = _optimizer(chunks, model_cfg, optim, total_steps)
+    optimizer, scheduler = _optimizer(chunks, model_cfg, optim, total_steps,
+                                      memory.distributed_optimizer)
     config = model.config  # the object megatron's schedule reads (DDP shares it)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = (
         finalize_joint_model_grads if mix is not None else finalize_model_grads)
     config.grad_scale_func = optimizer.scale_loss
-    return TrainingSetup(model=chunks, optimizer=optimizer, scheduler=scheduler, mix=mix)
+    return TrainingSetup(model=chunks, optimizer=optimizer, scheduler=scheduler, mix=mix,
+                         memory=memory)
 

@@ -4,13 +4,21 @@ Micro-batches are dicts with ``tokens`` ``[b, s]`` (int) and ``labels`` ``[b, s]
 each position predicts, ``-100`` where no loss is taken). The loss is the mean over every
 supervised token of the global batch: micro-batches and data-parallel ranks are weighted by
 their token counts (megatron's ``calculate_per_token_loss``), not averaged per micro-batch.
+
+Without pipeline parallelism each micro-batch may have its own length; with it, every
+micro-batch of the run must have the one ``seq_length`` the stages exchange.
+
+A step whose loss or gradient norm is not finite is skipped: no update, no scheduler step,
+the weights stay as they were (``StepMetrics.skipped``); the trainer counts them. ``setup.step``
+counts iterations, skipped or not (the λ schedule follows it; the LR schedule counts updates).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -20,9 +28,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_wmss.data.collate import IGNORE_INDEX
 from megatron_wmss.models import JointGPTModel
 from megatron_wmss.platform import cuda_available, default_device
+from megatron_wmss.training.grad_norms import per_model_grad_norms
 from megatron_wmss.training.setup import TrainingSetup
 
-__all__ = ["StepMetrics", "batch_to_device", "causal_attention_mask", "train_step"]
+__all__ = ["StepMetrics", "batch_to_device", "causal_attention_mask", "forward_backward",
+           "train_step"]
 
 
 @dataclass
@@ -36,6 +46,10 @@ class StepMetrics:
     lr: float  # learning rate this step used (strong model)
     mix_lambda: float | None  # None for single-model SFT
     update_successful: bool
+    grad_norms: dict[str, float] = field(default_factory=dict)  # per model, before clipping
+    skipped: bool = False  # non-finite loss or gradient norm: no update was made
+    diagnostics: dict[str, float] = field(default_factory=dict)  # e.g. "strong/entropy"
+    tokens: int = 0  # all tokens (padding excluded) the step processed, over all ranks
 
 
 def causal_attention_mask(seq_len: int, device) -> torch.Tensor | None:
@@ -47,11 +61,12 @@ def causal_attention_mask(seq_len: int, device) -> torch.Tensor | None:
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu_(1)
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, real_tokens: torch.Tensor,
+               per_token_loss: torch.Tensor):
     mask = loss_mask.to(torch.float32)
     loss_sum = (per_token_loss.float() * mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum()])
+    report = torch.stack([loss_sum.detach(), mask.sum(), real_tokens])
     return loss_sum, num_tokens, {"loss_sum_and_tokens": report}
 
 
@@ -62,31 +77,94 @@ def batch_to_device(batch: dict, device) -> dict:
             for key, value in batch.items()}
 
 
-def _forward_step(data_iterator, model, *, seq_length: int):
+def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
     batch = batch_to_device(next(data_iterator), default_device())
     tokens, labels = batch["tokens"], batch["labels"]
-    if tokens.shape != labels.shape or tokens.shape[1] != seq_length:
+    length = tokens.shape[1]
+    if tokens.shape != labels.shape or (seq_length is not None and length != seq_length):
+        want = seq_length if seq_length is not None else "s"
         raise ValueError(f"micro-batch tokens {tuple(tokens.shape)} and labels "
-                         f"{tuple(labels.shape)} must both be [micro_batch_size, {seq_length}]")
+                         f"{tuple(labels.shape)} must both be [micro_batch_size, {want}]")
     position_ids = batch.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(seq_length, device=tokens.device).expand_as(tokens)
-    mask = causal_attention_mask(seq_length, tokens.device)
+        position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
+    mask = causal_attention_mask(length, tokens.device)
     loss_mask = labels != IGNORE_INDEX
+    real = batch.get("attention_mask")
+    real_tokens = (real.sum() if real is not None else torch.tensor(tokens.numel())).to(
+        device=tokens.device, dtype=torch.float32)
     output = model(tokens, position_ids, mask, labels=labels)
-    return output, partial(_loss_func, loss_mask)
+    return output, partial(_loss_func, loss_mask, real_tokens)
 
 
-def _global_loss(reports) -> tuple[float, int]:
-    """Sum (loss, tokens) over micro-batches, DP ranks, and out of the last pipeline stage."""
+def _global_sums(reports) -> tuple[float, int, int]:
+    """(loss, supervised tokens, tokens) summed over micro-batches, DP ranks and out of the last
+    pipeline stage; the loss is the mean per supervised token."""
     device = torch.cuda.current_device() if cuda_available() else "cpu"
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     for report in reports:
         totals += report["loss_sum_and_tokens"].to(torch.float64)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, tokens = totals.tolist()
-    return (loss_sum / tokens if tokens else math.nan), int(tokens)
+    loss_sum, supervised, tokens = totals.tolist()
+    return (loss_sum / supervised if supervised else math.nan), int(supervised), int(tokens)
+
+
+def forward_backward(setup: TrainingSetup, data_iterator, *, num_microbatches: int,
+                     micro_batch_size: int, seq_length: Optional[int] = None,
+                     diagnostics: bool = False) -> tuple[float, int, int, dict]:
+    """Forward and backward over the micro-batches, gradients reduced and scaled by the global
+    supervised-token count (in the DDP grad buffers: ``param.main_grad``), no optimizer step.
+
+    Returns (loss, supervised tokens, tokens, diagnostics) over the global batch.
+    """
+    model = setup.unwrapped
+    joint = isinstance(model, JointGPTModel)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp > 1 and seq_length is None:
+        raise ValueError("seq_length is required with pipeline parallelism (stages exchange "
+                         "[seq_length, micro_batch_size, hidden] activations)")
+    if joint:
+        model.set_mix_lambda(setup.mix.lambda_at(setup.step))
+        model.record_diagnostics(diagnostics)
+    for chunk in setup.model:
+        chunk.zero_grad_buffer()
+    setup.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, seq_length=seq_length if pp > 1 else None),
+        data_iterator=data_iterator,
+        model=setup.model,
+        num_microbatches=num_microbatches,
+        # PP=1 never sizes a buffer from it; each micro-batch brings its own length.
+        seq_length=seq_length or 0,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    loss, supervised, tokens = _global_sums(reports)
+    stats = model.pop_diagnostics() if joint and diagnostics else {}
+    return loss, supervised, tokens, stats
+
+
+def _optimizer_step(setup: TrainingSetup, loss: float) -> tuple[bool, float, dict[str, float]]:
+    """Clip and step unless the loss or the gradient norm is non-finite.
+
+    Returns (stepped, total grad norm, per-model grad norms), norms before clipping.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    optimizer = setup.optimizer
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    norms = per_model_grad_norms(setup)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return False, grad_norm, norms
+    clip = optimizer.config.clip_grad
+    if clip > 0:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, clip, grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm, norms
 
 
 def train_step(
@@ -95,40 +173,29 @@ def train_step(
     *,
     num_microbatches: int,
     micro_batch_size: int,
-    seq_length: int,
+    seq_length: Optional[int] = None,
+    diagnostics: bool = False,
 ) -> StepMetrics:
     """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
 
     ``data_iterator`` yields this data-parallel rank's micro-batches (every pipeline stage of
-    the rank reads the same ones). Sets λ from the mix schedule before the step.
+    the rank reads the same ones). Sets λ from the mix schedule before the step. With
+    ``diagnostics`` a joint model also reports the saturation statistics of the strong, weak
+    and mixed distributions (token means over the global batch).
     """
-    model = setup.unwrapped
-    joint = isinstance(model, JointGPTModel)
-    mix_lambda = None
-    if joint:
-        mix_lambda = setup.mix.lambda_at(setup.step)
-        model.set_mix_lambda(mix_lambda)
-    for chunk in setup.model:
-        chunk.zero_grad_buffer()
-    setup.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, seq_length=seq_length),
-        data_iterator=data_iterator,
-        model=setup.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    joint = isinstance(setup.unwrapped, JointGPTModel)
+    mix_lambda = setup.mix.lambda_at(setup.step) if joint else None
+    loss, supervised, tokens, stats = forward_backward(
+        setup, data_iterator, num_microbatches=num_microbatches,
+        micro_batch_size=micro_batch_size, seq_length=seq_length, diagnostics=diagnostics)
     lr = setup.optimizer.param_groups[0]["lr"]
-    update_successful, grad_norm, _ = setup.optimizer.step()
-    if update_successful:
+    stepped, grad_norm, norms = _optimizer_step(setup, loss)
+    if stepped:
         setup.scheduler.step(increment=1)
-    loss, num_tokens = _global_loss(reports)
     metrics = StepMetrics(
-        step=setup.step, loss=loss, num_tokens=num_tokens,
-        grad_norm=float(grad_norm) if grad_norm is not None else math.nan, lr=float(lr),
-        mix_lambda=mix_lambda, update_successful=bool(update_successful),
+        step=setup.step, loss=loss, num_tokens=supervised, grad_norm=grad_norm, lr=float(lr),
+        mix_lambda=mix_lambda, update_successful=stepped, grad_norms=norms,
+        skipped=not stepped, diagnostics=stats, tokens=tokens,
     )
-    setup.step += 1
+    setup.step += 1  # iterations: a skipped step still consumed its batch
     return metrics

@@ -117,3 +117,17 @@ def test_active_set_round_trip_and_errors(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(DataFormatError, match="lists no idx"):
         read_active_set(str(tmp_path / "empty.json"))
+
+
+def test_epoch_cut_to_whole_global_batches_gives_every_rank_equal_micro_batch_counts():
+    # 23 samples, global batch 8 = micro 2 x dp 2 x 2 micro-batches: 7 samples dropped per
+    # epoch, each rank yields 4 micro-batches per epoch (a hang if they differed).
+    per_rank = [list(DistributedEpochSampler(23, micro_batch_size=2, dp_rank=r, dp_size=2,
+                                             seed=0, num_epochs=2, epoch_multiple=8))
+                for r in range(2)]
+    assert [len(batches) for batches in per_rank] == [8, 8]
+    first_epoch = {i for batches in per_rank for b in batches[:4] for i in b}
+    assert len(first_epoch) == 16
+    with pytest.raises(ValueError, match="epoch_multiple = 6 is invalid"):
+        DistributedEpochSampler(23, micro_batch_size=2, dp_rank=0, dp_size=2, seed=0,
+                                epoch_multiple=6)

@@ -1,0 +1,87 @@
+"""``wmss sft`` and ``wmss joint``: parse, check the recipe, start or join the ranks, train.
+
+    wmss sft   --config RECIPE.yaml [section.field=value ...] [--run-dir DIR] [--nproc-per-node N]
+    wmss joint --config RECIPE.yaml ...
+
+Under torchrun or srun each process is one rank (see :mod:`megatron_wmss.platform.launch`);
+``--nproc-per-node N`` starts N local ranks itself (NCCL with a GPU each where there are N
+GPUs, gloo on CPU). The recipe is checked in full before any rank starts or anything is
+written. Exit status: 0 done, 75 (:data:`PREEMPTION_EXIT_CODE`) saved after SIGTERM / SIGUSR1
+/ the time limit (rerun the same command to resume; the Slurm script requeues on it), 3 stopped
+on non-finite steps, 2 a bad recipe or input, 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Sequence
+
+from megatron_wmss.platform.errors import ArgumentParser
+
+__all__ = ["NONFINITE_EXIT_CODE", "train_main"]
+
+NONFINITE_EXIT_CODE = 3
+_A_MONTH = 30 * 24 * 3600.0
+
+
+def _parser(command: str) -> ArgumentParser:
+    what = {"sft": "phase 1: supervised fine-tuning of one model",
+            "joint": "phase 3: joint training of the strong and the weak model on their mixed "
+                     "logits"}[command]
+    parser = ArgumentParser(prog=f"wmss {command}", description=what)
+    parser.add_argument("--config", required=True, help="YAML recipe (examples/recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="recipe overrides, values parsed as YAML (e.g. optim.lr=1e-5)")
+    parser.add_argument("--run-dir", default=None,
+                        help="where the run writes (default: the recipe's trainer.run_dir); a "
+                        "rerun on the same directory resumes")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="start N local ranks (default: one process, or the ranks of "
+                        "torchrun / srun)")
+    return parser
+
+
+def _train_rank(recipe) -> tuple[int, str]:
+    """One rank's run (megatron's parallel state is set up): (exit code, message)."""
+    from megatron_wmss.training.trainer import NonFiniteTrainingError, run_training
+
+    try:
+        return run_training(recipe), ""
+    except NonFiniteTrainingError as err:
+        return NONFINITE_EXIT_CODE, str(err)
+
+
+def train_main(command: str, argv: Sequence[str]) -> int:
+    from megatron_wmss.platform.launch import rank_info_from_env
+    from megatron_wmss.training.recipe import check_init_architectures, load_recipe
+
+    args = _parser(command).parse_args(list(argv))
+    recipe = load_recipe(command, args.config, args.overrides, args.run_dir)
+    check_init_architectures(recipe)
+    tp = recipe.parallel.tensor_model_parallel_size
+    pp = recipe.parallel.pipeline_model_parallel_size
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        if rank_info_from_env().launcher != "single":
+            raise ValueError("--nproc-per-node starts ranks itself; under torchrun or srun "
+                             "leave it out (each launched process is one rank)")
+        if args.nproc_per_node % (tp * pp):
+            raise ValueError(f"--nproc-per-node={args.nproc_per_node} is not a multiple of "
+                             f"tensor x pipeline parallel size = {tp} x {pp}")
+        from megatron_wmss.platform.spawn import run_distributed
+
+        results = run_distributed(_train_rank, world_size=args.nproc_per_node, tp=tp, pp=pp,
+                                  args=(recipe,), timeout=_A_MONTH, device="auto",
+                                  forward_signals=(signal.SIGTERM, signal.SIGUSR1))
+    else:
+        from megatron_wmss.platform.launch import distributed_from_env
+
+        with distributed_from_env(tp, pp):
+            results = [_train_rank(recipe)]
+    code = max(code for code, _ in results)
+    message = next((m for _, m in results if m), "")
+    if message and rank_info_from_env().rank == 0:
+        print(f"wmss {command}: error: {message}", file=sys.stderr)
+    return code
