@@ -198,3 +198,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_marked_checkpoint
     assert (checkpoints / "iter_0000003-nonfinite" / "train_state.json").is_file()
     # The last good checkpoint stays the one a rerun resumes from.
     assert json.loads((checkpoints / "latest").read_text())["checkpoint"] == "iter_0000001"
+
+
+def test_torchrun_launches_one_rank_per_process(tmp_path):
+    # The per-rank program under torchrun (RANK/WORLD_SIZE/MASTER_* from its environment).
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "megatron_wmss.cli",
+           "sft",
+           "--config", str(RECIPES / "tiny-sft.yaml"), "--run-dir", str(run_dir),
+           "trainer.train_steps=2", "trainer.progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert json.loads((run_dir / "checkpoints" / "latest").read_text())["step"] == 2
