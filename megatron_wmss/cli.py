@@ -80,10 +80,25 @@ def _joint(argv: Sequence[str]) -> int:
     return train_main("joint", argv)
 
 
+def _entropy(argv: Sequence[str]) -> int:
+    from megatron_wmss.curriculum.entropy_cli import entropy_main
+
+    return entropy_main(list(argv))
+
+
+def _select(argv: Sequence[str]) -> int:
+    from megatron_wmss.curriculum.cli import select_main
+
+    return select_main(list(argv))
+
+
 # name -> (help, handler taking the command's own arguments)
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "env": ("show versions and which GPU libraries are usable", _env),
     "sft": ("phase 1: supervised fine-tuning from a YAML recipe (resumable)", _sft),
+    "entropy": ("phase 2 (WD-DS): per-sample entropy of one model over the SFT data "
+                "(resumable)", _entropy),
+    "select": ("phase 2 (WD-DS): draw the active set from weak/strong entropy files", _select),
     "joint": ("phase 3: joint strong/weak training on the mixed logits (resumable)", _joint),
     "train-tokenizer": ("train a SentencePiece tokenizer on a text/JSONL corpus", _train_tokenizer),
     "import-hf": ("convert a Hugging Face Llama/Qwen2/Qwen3 model into a megatron checkpoint",

@@ -135,6 +135,10 @@ class MemoryConfig:
     def resolved(self, cuda: bool) -> "MemoryConfig":
         """A copy with every null (auto) setting decided for this machine."""
         dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
+        if self.overlap_param_gather and not dist_opt:
+            raise ValueError("memory.overlap_param_gather=true needs the distributed optimizer "
+                             "(memory.distributed_optimizer=true; its default is on with CUDA "
+                             "only)")
         return MemoryConfig(
             distributed_optimizer=dist_opt,
             overlap_grad_reduce=cuda if self.overlap_grad_reduce is None

@@ -114,7 +114,9 @@ def read_active_set(path: str) -> np.ndarray:
     """[n] int64 sample idx of an active-set file, duplicates kept, in file order.
 
     Accepted: a JSON array of ints, a JSON object whose "idx" is such an array, or JSON Lines
-    with one int or one object with an int "idx" per line.
+    with one int or one object with an int "idx" per line. An object may carry an int
+    ``"multiplicity"`` >= 1 (``wmss select`` writes one per sample): its idx then occurs that
+    many times in a row; without it, once. Other keys are ignored.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"active set file {path} does not exist")
@@ -124,8 +126,8 @@ def read_active_set(path: str) -> np.ndarray:
         document = json.loads(text)
     except json.JSONDecodeError:
         document = None  # not one JSON document: JSON Lines, whose reader names the bad line
-    if isinstance(document, dict):
-        document = document.get("idx")
+    if isinstance(document, dict) and isinstance(document.get("idx"), list):
+        document = document["idx"]
     if isinstance(document, list):
         records: Iterable[tuple[int, object]] = ((0, v) for v in document)
     elif document is None:
@@ -134,13 +136,19 @@ def read_active_set(path: str) -> np.ndarray:
         records = [(1, document)]
     values: list[int] = []
     for lineno, record in records:
+        where = f"{path}:{lineno}" if lineno else path
         value = record.get("idx") if isinstance(record, dict) else record
         if isinstance(value, bool) or not isinstance(value, int):
-            where = f"{path}:{lineno}" if lineno else path
             raise DataFormatError(f"{where}: active set entry {record!r:.60} is not an integer "
                                   f"idx; accepted: a JSON array of ints, {{\"idx\": [ints]}}, or "
-                                  f"JSON Lines of ints or {{\"idx\": int}}")
-        values.append(value)
+                                  f"JSON Lines of ints or {{\"idx\": int, \"multiplicity\": int}}")
+        multiplicity = record.get("multiplicity", 1) if isinstance(record, dict) else 1
+        if (isinstance(multiplicity, bool) or not isinstance(multiplicity, int)
+                or multiplicity < 1):
+            raise DataFormatError(f"{where}: active set entry for idx {value} has multiplicity "
+                                  f"{multiplicity!r:.30}; accepted: an int >= 1 (or no "
+                                  f"multiplicity: once)")
+        values.extend([value] * multiplicity)
     if not values:
         raise DataFormatError(f"active set file {path} lists no idx")
     return np.asarray(values, dtype=np.int64)

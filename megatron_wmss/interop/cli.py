@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from megatron_wmss.interop.hf_io import SafetensorsCheckpoint, check_output_dir, read_json
-from megatron_wmss.platform.errors import ArgumentParser, UserError, run_command
+from megatron_wmss.platform.errors import ArgumentParser, UserError, positive_int, run_command
 
 __all__ = ["export_main", "extract_main", "import_main"]
 
@@ -70,12 +70,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="seconds before the conversion is abandoned (default: a day)")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def import_main(argv: Sequence[str]) -> int:
     """``wmss import-hf --hf-dir D --out CKPT [--tp N --pp M]``."""
@@ -86,9 +80,9 @@ def import_main(argv: Sequence[str]) -> int:
     parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json, "
                         "model.safetensors or model.safetensors.index.json + shards)")
     parser.add_argument("--out", required=True, help="megatron checkpoint directory to write")
-    parser.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size to "
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size to "
                         "convert at; the vocabulary is padded for it (use the training TP)")
-    parser.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="parameter dtype (default: the stored one; float16 -> float32)")
     _common(parser)
@@ -157,8 +151,8 @@ def extract_main(argv: Sequence[str]) -> int:
     parser.add_argument("--which", choices=("strong", "weak"), default="strong")
     parser.add_argument("--model-from", default=None,
                         help="directory holding the model description when CKPT has none")
-    parser.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size to run at")
-    parser.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size to run at")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     _common(parser)
     args = parser.parse_args(list(argv))
 

@@ -3,6 +3,7 @@
 from megatron_wmss.loss.diagnostics import (
     TokenStatistics,
     mixed_logit_diagnostics,
+    token_entropy,
     token_statistics,
 )
 from megatron_wmss.loss.mixed_cross_entropy import cross_entropy, mixed_cross_entropy
@@ -12,5 +13,6 @@ __all__ = [
     "cross_entropy",
     "mixed_cross_entropy",
     "mixed_logit_diagnostics",
+    "token_entropy",
     "token_statistics",
 ]

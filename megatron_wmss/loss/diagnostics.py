@@ -32,7 +32,7 @@ from megatron_wmss.loss.vocab_parallel import (
     target_in_shard,
 )
 
-__all__ = ["TokenStatistics", "mixed_logit_diagnostics", "token_statistics"]
+__all__ = ["TokenStatistics", "mixed_logit_diagnostics", "token_entropy", "token_statistics"]
 
 
 @dataclass
@@ -156,3 +156,36 @@ def mixed_logit_diagnostics(
     stats = token_statistics([strong_logits, weak_logits, mixed], target, tp_group, ignore_index,
                              vocab_size)
     return dict(zip(("strong", "weak", "mixed"), stats))
+
+
+@torch.no_grad()
+def token_entropy(
+    logits: torch.Tensor,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``[...]`` fp32 entropy (nats) of ``softmax(logits)`` over the first ``vocab_size`` global
+    columns, from this rank's ``[..., v]`` shard; the lean path of the curriculum's entropy pass.
+
+    ``H = log S − (Σ_k e^{z'_k} z'_k) / S`` with ``z' = z − max z`` and ``S = Σ_k e^{z'_k}``.
+    Collectives over ``tp_group``: one all-reduce MAX of ``[t + 2]`` and one SUM of ``[2, t]``.
+    One fp32 ``[t, v]`` copy is made (bf16 logits are upcast once).
+    """
+    if not torch.is_floating_point(logits) or logits.dim() < 1:
+        raise ValueError(f"logits must be a floating-point tensor [..., v], got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    vocab_size = check_vocab_size(vocab_size)
+    local_vocab = logits.shape[-1]
+    rank, _ = shard_rank_and_size(tp_group)
+    real = real_columns_in_shard(vocab_size, rank * local_vocab, local_vocab)
+    x_tv = logits.reshape(-1, local_vocab)[:, :real]
+    row_max_t, padded_vocab = all_reduce_max_checked(_row_max(x_tv), local_vocab, tp_group)
+    if vocab_size is not None and vocab_size > padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the {padded_vocab} columns the logits "
+                         "hold over all tensor-parallel ranks")
+    z_tv = x_tv.to(torch.float32, copy=True).sub_(row_max_t.unsqueeze(-1))  # inputs untouched
+    e_tv = z_tv.exp()
+    sums_2t = torch.stack([e_tv.sum(dim=-1), (e_tv * z_tv).sum(dim=-1)])
+    all_reduce_sum(sums_2t, tp_group)
+    entropy_t = torch.log(sums_2t[0]) - sums_2t[1] / sums_2t[0]
+    return entropy_t.view(logits.shape[:-1])

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable, NoReturn, Optional
 
-__all__ = ["ArgumentParser", "UserError", "debug_enabled", "is_user_error", "run_command",
+__all__ = ["ArgumentParser", "UserError", "positive_int", "debug_enabled", "is_user_error", "run_command",
            "user_message"]
 
 DEBUG_ENV = "WMSS_DEBUG"
@@ -96,3 +96,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
                      f"(see `{self.prog} -h`)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for an int >= 1 (the parser reports a bad value in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -4,7 +4,7 @@ Rank variables are read in this order:
 - torchrun (and other PyTorch elastic launchers): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR``, ``MASTER_PORT``;
 - Slurm with one task per rank (``srun --ntasks-per-node=GPUS``): ``SLURM_PROCID``,
-  ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first host of
+  ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` (a batch script outside ``srun`` is one process); the master is the first host of
   ``SLURM_JOB_NODELIST`` (``MASTER_ADDR`` wins when set), the port ``MASTER_PORT`` or one derived
   from ``SLURM_JOB_ID``;
 - neither: a single process (world size 1).
@@ -61,12 +61,14 @@ def rank_info_from_env(env: Optional[Mapping[str, str]] = None) -> RankInfo:
                         _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
                         env.get("MASTER_ADDR", "127.0.0.1"),
                         _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500, "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # srun sets SLURM_STEP_NUM_TASKS; a batch script itself (no srun) has SLURM_PROCID=0 and
+    # SLURM_NTASKS=N too, and taking it for rank 0 of N would wait for N-1 peers forever.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         master = env.get("MASTER_ADDR") or first_slurm_host(
             env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else \
             20000 + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
-        return RankInfo(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+        return RankInfo(_int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS"),
                         _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                         master, port, "slurm")
     return RankInfo(0, 1, 0, "127.0.0.1", _free_port(), "single")

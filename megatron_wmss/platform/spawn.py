@@ -106,6 +106,9 @@ def _rank_main(
             world_size=world_size,
         )
         if torch.cuda.is_available():
+            # megatron orders communication and compute through one hardware queue; set before
+            # the CUDA context exists (as torchrun users do in their environment).
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
             torch.cuda.set_device(rank % torch.cuda.device_count())
         from megatron.core import parallel_state
 

@@ -63,8 +63,10 @@ def load_model_checkpoint(model, directory: str | os.PathLike, prefix: str = "")
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint "
                                 "(no metadata.json)")
     module = unwrap_model(model)
-    state = dist_checkpointing.load(module.sharded_state_dict(prefix=prefix), str(path))
-    if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items()}
+    wanted = module.sharded_state_dict(prefix=prefix)
+    state = dist_checkpointing.load(wanted, str(path))
+    # load() also returns the checkpoint's common (non-sharded) state, e.g. a training
+    # checkpoint's optimizer settings: keep the model's own keys only.
+    state = {key[len(prefix):]: value for key, value in state.items() if key in wanted}
     with torch.no_grad():
         module.load_state_dict(state, strict=True)

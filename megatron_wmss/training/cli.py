@@ -56,7 +56,8 @@ def train_main(command: str, argv: Sequence[str]) -> int:
     from megatron_wmss.platform.launch import rank_info_from_env
     from megatron_wmss.training.recipe import check_init_architectures, load_recipe
 
-    args = _parser(command).parse_args(list(argv))
+    # Intermixed: overrides may stand before, between or after the options.
+    args = _parser(command).parse_intermixed_args(list(argv))
     recipe = load_recipe(command, args.config, args.overrides, args.run_dir)
     check_init_architectures(recipe)
     tp = recipe.parallel.tensor_model_parallel_size
@@ -70,6 +71,13 @@ def train_main(command: str, argv: Sequence[str]) -> int:
         if args.nproc_per_node % (tp * pp):
             raise ValueError(f"--nproc-per-node={args.nproc_per_node} is not a multiple of "
                              f"tensor x pipeline parallel size = {tp} x {pp}")
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < gpus < args.nproc_per_node:
+            raise ValueError(f"--nproc-per-node={args.nproc_per_node} but this machine has "
+                             f"{gpus} GPU(s): one rank per GPU (or hide them with "
+                             "CUDA_VISIBLE_DEVICES= to train on CPU)")
         from megatron_wmss.platform.spawn import run_distributed
 
         results = run_distributed(_train_rank, world_size=args.nproc_per_node, tp=tp, pp=pp,

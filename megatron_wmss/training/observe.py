@@ -106,7 +106,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
                    and not isinstance(v, bool) and v is not None and math.isfinite(v)}

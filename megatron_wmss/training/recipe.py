@@ -208,6 +208,12 @@ def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Option
         model_overrides=dict(raw.get("model") or {}),
     )
     _check_init(recipe)
+    from megatron_wmss.platform import cuda_available
+
+    try:
+        recipe.memory.resolved(cuda_available())
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     _check_files(recipe)
     if recipe.parallel.pipeline_model_parallel_size > 1 and not recipe.data.pad_to_max_length:
         raise RecipeError("parallel.pipeline_model_parallel_size > 1 needs data.pad_to_max_length"

@@ -39,6 +39,12 @@ class TrainingSetup:
     mix: Optional[MixConfig]
     memory: Optional[MemoryConfig] = None  # resolved: no null (auto) settings left
     step: int = 0
+    max_lr: float = 0.0  # the strong model's peak lr: finds its param groups for logging
+
+    def strong_lr(self) -> float:
+        """The learning rate the strong (or only) model's parameters use now."""
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g.get("max_lr") == self.max_lr), groups[0]["lr"])
 
     @property
     def unwrapped(self):
@@ -180,5 +186,5 @@ def setup_training(
         finalize_joint_model_grads if mix is not None else finalize_model_grads)
     config.grad_scale_func = optimizer.scale_loss
     return TrainingSetup(model=chunks, optimizer=optimizer, scheduler=scheduler, mix=mix,
-                         memory=memory)
+                         memory=memory, max_lr=optim.lr)
 

@@ -32,7 +32,11 @@ class PreemptionGuard:
 
     def __init__(self, exit_duration_minutes: Optional[float] = None) -> None:
         self.received: Optional[int] = None
-        self.deadline = (time.monotonic() + 60.0 * exit_duration_minutes
+        # Counted from this process's start, as a job's time limit is (set-up included).
+        import psutil
+
+        started = psutil.Process().create_time()
+        self.deadline = (started + 60.0 * exit_duration_minutes
                          if exit_duration_minutes else None)
         self._previous = {}
 
@@ -52,7 +56,7 @@ class PreemptionGuard:
         """Collective: why every rank must save and exit now (a signal name or "time limit"),
         or None."""
         local = [0.0 if self.received is None else float(self.received),
-                 float(self.deadline is not None and time.monotonic() >= self.deadline)]
+                 float(self.deadline is not None and time.time() >= self.deadline)]
         device = torch.cuda.current_device() if cuda_available() else "cpu"
         flags = torch.tensor(local, dtype=torch.float64, device=device)
         if dist.is_initialized():

@@ -4,10 +4,10 @@
         model weights at the top level       (the same keys as a weights-only checkpoint, so
                                               export-hf, extract and init load it as is),
         optimizer/…                          fp32 master weights, Adam moments, step,
-        rng/…                                per (pipeline, tensor) rank: CPU, CUDA, megatron's
-                                              tracker, python and numpy RNG states,
+        rng/…                                per rank: CPU, CUDA, megatron's tracker, python and
+                                              numpy RNG states,
         train_state.json                     step, consumed samples, skip counters, data seed,
-                                              LR scheduler, the run's config digest,
+                                              LR scheduler, what a resume must not change,
         wmss_model.json, tokenizer/          the model description (export needs no flags)
     RUN_DIR/checkpoints/latest               the name of the newest complete checkpoint
     RUN_DIR/checkpoints/iter_0000012-nonfinite/  saved when a run stops on non-finite steps
@@ -98,15 +98,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded(state: Optional[dict]):
-    """One RNG object per (pipeline, tensor) rank, shared by data-parallel replicas."""
+    """One RNG object per rank (pipeline, tensor, data-parallel): each restores its own."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     return ShardedObject(
         "rng_state", state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank())
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+         ps.get_data_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+         ps.get_data_parallel_rank()),
+        replica_id=0)
 
 
 def _sharded_state(setup, is_loading: bool, with_rng: bool) -> dict:
@@ -137,8 +139,8 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def save_training_checkpoint(setup, state: TrainState, checkpoints_dir: str | os.PathLike, *,
-                             keep_last: int, metadata_writer=None, nonfinite: bool = False
-                             ) -> Path:
+                             keep_last: int, metadata_writer=None, nonfinite: bool = False,
+                             recipe_key: Optional[dict] = None) -> Path:
     """Collectively write the full training state after ``state.step`` iterations.
 
     ``metadata_writer(directory)`` (rank 0, inside the temporary directory) adds the model
@@ -151,7 +153,7 @@ def save_training_checkpoint(setup, state: TrainState, checkpoints_dir: str | os
     name = checkpoint_name(state.step) + ("-nonfinite" if nonfinite else "")
     final = root / name
     payload = {"train_state": asdict(state), "scheduler": setup.scheduler.state_dict(),
-               "layout": _layout()}
+               "layout": _layout(), "recipe": recipe_key}
     # A rerun may find the directory of a step it saved before a crash: same step, same data.
     with publishing_directory(final, overwrite=True, collective=True, tag="save") as tmp:
         dist_checkpointing.save(_sharded_state(setup, is_loading=False, with_rng=True), str(tmp))

@@ -188,7 +188,7 @@ def train_step(
     loss, supervised, tokens, stats = forward_backward(
         setup, data_iterator, num_microbatches=num_microbatches,
         micro_batch_size=micro_batch_size, seq_length=seq_length, diagnostics=diagnostics)
-    lr = setup.optimizer.param_groups[0]["lr"]
+    lr = setup.strong_lr()
     stepped, grad_norm, norms = _optimizer_step(setup, loss)
     if stepped:
         setup.scheduler.step(increment=1)

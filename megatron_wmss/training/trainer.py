@@ -17,7 +17,9 @@ the run saves and returns :data:`PREEMPTION_EXIT_CODE`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,9 +71,21 @@ def _tokenize(recipe: Recipe):
     data_cfg = recipe.data
     if data_cfg.cache_dir is None:
         data_cfg = dataclasses.replace(data_cfg, cache_dir=str(recipe.run_dir / "data-cache"))
-    # Rank 0 tokenizes and fills the cache; the others then read it instead of racing.
-    data = tokenize_sft(data_cfg, tokenizer) if _rank0() else None
-    dist.barrier()
+    # Rank 0 tokenizes and fills the cache; the others then read it instead of racing. Its
+    # failure (bad data) reaches every rank, which would otherwise wait for it forever.
+    data, failure = None, None
+    if _rank0():
+        try:
+            data = tokenize_sft(data_cfg, tokenizer)
+        except (ValueError, OSError) as err:
+            failure = err
+    box = [None if failure is None else (type(failure), str(failure))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        if failure is not None:
+            raise failure
+        kind, message = box[0]
+        raise (kind if issubclass(kind, ValueError) else RecipeError)(message)
     if data is None:
         data = tokenize_sft(data_cfg, tokenizer)
     return tokenizer, data, data_cfg
@@ -95,44 +109,42 @@ def _import_hf_inits(recipe: Recipe) -> dict[str, Optional[str]]:
 
 
 def _matching_vocab(cfg, inits: dict) -> object:
-    """``cfg`` padded to the rows of the init checkpoints (they depend on the TP size they
-    were written at)."""
+    """``cfg`` padded to the rows of the checkpoints it starts from (they depend on the TP
+    size they were written at); they must all have the same number of rows."""
     from megatron_wmss.interop.convert import (
         checkpoint_padded_vocab,
         checkpoint_prefix,
         model_for_checkpoint,
     )
 
-    for path in inits.values():
-        if path is not None:
-            rows = checkpoint_padded_vocab(path, checkpoint_prefix(path))
-            tp = ps.get_tensor_model_parallel_world_size()
-            if rows != cfg.padded_vocab_size(tp):
-                cfg = model_for_checkpoint(cfg, rows, path)
-            break
+    rows = {name: checkpoint_padded_vocab(path, checkpoint_prefix(path))
+            for name, path in inits.items() if path is not None}
+    if len(set(rows.values())) > 1:
+        raise RecipeError(f"init checkpoints have different padded vocabularies {rows}: import "
+                          "or convert them at one tensor-parallel size")
+    if rows:
+        (name, count), = list(rows.items())[:1]
+        tp = ps.get_tensor_model_parallel_world_size()
+        if count != cfg.padded_vocab_size(tp):
+            cfg = model_for_checkpoint(cfg, count, inits[name])
     return cfg
 
 
 def _load_init_weights(setup, recipe: Recipe, inits: dict) -> None:
-    from megatron_wmss.interop import load_joint_from_checkpoints
+    """Each model from its init checkpoint (single-model or one half of a joint one, any
+    layout); models without one keep their seeded random weights."""
     from megatron_wmss.interop.convert import checkpoint_prefix
+    from megatron_wmss.training.checkpoint import load_model_checkpoint
 
     if recipe.joint:
-        strong, weak = inits["strong"], inits["weak"]
-        if strong is not None and weak is not None:
-            load_joint_from_checkpoints(setup.model[0], strong, weak)
-        else:
-            from megatron_wmss.training.checkpoint import load_model_checkpoint
-
-            joint = setup.unwrapped
-            for half, path in ((joint.strong, strong), (joint.weak, weak)):
-                if path is not None:
-                    load_model_checkpoint(half, path, checkpoint_prefix(path))
-    elif inits["model"] is not None:
-        path = inits["model"]
-        setup.load_weights(path, prefix=checkpoint_prefix(path))
-        return
-    setup.weights_changed()
+        joint = setup.unwrapped
+        pairs = ((joint.strong, inits["strong"]), (joint.weak, inits["weak"]))
+    else:
+        pairs = ((setup.unwrapped, inits["model"]),)
+    for module, path in pairs:
+        if path is not None:
+            load_model_checkpoint(module, path, checkpoint_prefix(path))
+    setup.weights_changed()  # bf16 runs: the optimizer's fp32 copies follow the loaded weights
 
 
 def _metadata_writer(recipe: Recipe, cfg, inits: dict):
@@ -173,14 +185,76 @@ def _step_record(metrics, state: TrainState, seconds: float, flops_per_token: fl
 
 def run_training(recipe: Recipe) -> int:
     """Train to the end (0) or until preempted (:data:`PREEMPTION_EXIT_CODE`), on every rank of
-    an initialized process group with megatron's parallel state set up."""
+    an initialized process group with megatron's parallel state set up. SIGTERM/SIGUSR1 are
+    caught from the start (a signal during set-up stops the run at its first step check)."""
+    with PreemptionGuard(recipe.trainer.exit_duration_minutes) as guard:
+        return _train(recipe, guard)
+
+
+def _resume_key(recipe: Recipe, total: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the objective,
+    the model, the optimizer and schedule, the data and its order. The layout (parallel,
+    memory, micro-batch size) and the logging/checkpoint cadence may change."""
+    from megatron_wmss.config import ARCHITECTURE_FIELDS
+    from megatron_wmss.config.recipe import to_plain
+
+    data = recipe.data
+    return {
+        "command": recipe.command,
+        "model": {name: getattr(recipe.model, name) for name in ARCHITECTURE_FIELDS
+                  + ("params_dtype",) if name != "make_vocab_size_divisible_by"},
+        "optim": to_plain(recipe.optim),
+        "mix": to_plain(recipe.mix),
+        "data": {"paths": list(data.paths), "schema": data.schema, "max_length":
+                 data.max_length, "overlength": data.overlength, "seed": data.seed,
+                 "shuffle": data.shuffle, "active_set": data.active_set},
+        "trainer": {"epochs": recipe.trainer.epochs, "train_steps": recipe.trainer.train_steps,
+                    "global_batch_size": recipe.trainer.global_batch_size,
+                    "seed": recipe.trainer.seed, "total_steps": total},
+    }
+
+
+def _check_resume_key(saved: Optional[dict], now: dict, resume: Path) -> None:
+    if saved is None:
+        return
+    for section, fields in now.items():
+        old = saved.get(section)
+        if isinstance(fields, dict) and isinstance(old, dict):
+            for name, value in fields.items():
+                if old.get(name) != value:
+                    where = f"{section}.{name}"
+                    raise RecipeError(
+                        f"{where}={value!r} differs from {old.get(name)!r}, which the run "
+                        f"being resumed ({resume}) used; resume with the same {where}, or "
+                        "start a new run with another --run-dir")
+        elif old != fields:
+            raise RecipeError(f"{resume} was written by `wmss {old}`, not `wmss {fields}`; use "
+                              "another --run-dir")
+
+
+PREEMPTED_FILE = "preempted.json"
+
+
+def _sweep_leftovers(checkpoints: Path) -> None:
+    """Temporary directories of saves that a kill interrupted (never a complete checkpoint)."""
+    if checkpoints.is_dir():
+        for path in checkpoints.iterdir():
+            if path.is_dir() and (path.name.startswith(".") or ".old-" in path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
     from megatron_wmss.data import build_sft_loader
     from megatron_wmss.training.setup import setup_training
+    from megatron_wmss.training.state import read_train_state
     from megatron_wmss.training.step import train_step
 
     run_dir = recipe.run_dir
+    checkpoints = run_dir / "checkpoints"
     if _rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+        _sweep_leftovers(checkpoints)
     dist.barrier()
     tokenizer, data, data_cfg = _tokenize(recipe)
     resolve_model(recipe, tokenizer.vocab_size)
@@ -195,8 +269,10 @@ def run_training(recipe: Recipe) -> int:
 
         rows = len(data.rows_for_idx(read_active_set(data_cfg.active_set), data_cfg.active_set))
     total = recipe.total_steps(rows)
-    checkpoints = run_dir / "checkpoints"
     resume = find_resume_checkpoint(checkpoints)
+    key = _resume_key(recipe, total)
+    if resume is not None:
+        _check_resume_key(read_train_state(resume).get("recipe"), key, resume)
     inits = _import_hf_inits(recipe) if resume is None else recipe.init_paths()
     cfg = _matching_vocab(recipe.model, {"resume": str(resume)} if resume else inits)
     setup = setup_training(cfg, recipe.parallel, recipe.optim, total, mix=recipe.mix,
@@ -210,7 +286,7 @@ def run_training(recipe: Recipe) -> int:
     else:
         _load_init_weights(setup, recipe, inits)
         state = TrainState(data_seed=data_cfg.seed, total_steps=total)
-    metadata_writer = _metadata_writer(recipe, cfg, inits)
+    metadata_writer = _metadata_writer(recipe, cfg, {"resume": str(resume)} if resume else inits)
 
     loader = build_sft_loader(data, data_cfg, pad_id=tokenizer.pad_id, dp_rank=dp_rank,
                               dp_size=dp, consumed_samples=state.consumed_samples,
@@ -232,45 +308,49 @@ def run_training(recipe: Recipe) -> int:
     def save(nonfinite: bool = False) -> Path:
         _sync_params_for_save(setup)
         return save_training_checkpoint(setup, state, checkpoints, keep_last=trainer.keep_last,
-                                        metadata_writer=metadata_writer, nonfinite=nonfinite)
+                                        metadata_writer=metadata_writer, nonfinite=nonfinite,
+                                        recipe_key=key)
 
     saved_at = state.step if resume is not None else -1
     try:
-        with PreemptionGuard(trainer.exit_duration_minutes) as guard:
-            while state.step < total:
-                log_now = (state.step + 1) % trainer.log_interval == 0 or state.step + 1 == total
-                start = time.perf_counter()
-                metrics = train_step(setup, batches, num_microbatches=n_micro,
-                                     micro_batch_size=data_cfg.micro_batch_size,
-                                     seq_length=data_cfg.padded_length,
-                                     diagnostics=recipe.joint and log_now)
-                seconds = time.perf_counter() - start
-                state.step = setup.step
-                state.consumed_samples += trainer.global_batch_size
-                state.skipped_steps += int(metrics.skipped)
-                state.nonfinite_in_row = state.nonfinite_in_row + 1 if metrics.skipped else 0
-                record = _step_record(metrics, state, seconds, flops, peak)
-                if log_now or metrics.skipped:
-                    logger.log(record)
-                bar.update(record)
-                if state.nonfinite_in_row >= trainer.max_nonfinite_steps:
-                    where = save(nonfinite=True)
-                    raise NonFiniteTrainingError(_nonfinite_message(metrics, state, where,
-                                                                    recipe))
-                # No periodic checkpoint inside a non-finite streak: its state is suspect.
-                if trainer.save_interval and state.step % trainer.save_interval == 0 \
-                        and not state.nonfinite_in_row:
+        while state.step < total:
+            log_now = (state.step + 1) % trainer.log_interval == 0 or state.step + 1 == total
+            start = time.perf_counter()
+            metrics = train_step(setup, batches, num_microbatches=n_micro,
+                                 micro_batch_size=data_cfg.micro_batch_size,
+                                 seq_length=data_cfg.padded_length,
+                                 diagnostics=recipe.joint and log_now)
+            seconds = time.perf_counter() - start
+            state.step = setup.step
+            state.consumed_samples += trainer.global_batch_size
+            state.skipped_steps += int(metrics.skipped)
+            state.nonfinite_in_row = state.nonfinite_in_row + 1 if metrics.skipped else 0
+            record = _step_record(metrics, state, seconds, flops, peak)
+            if log_now or metrics.skipped:
+                logger.log(record)
+            bar.update(record)
+            if state.nonfinite_in_row >= trainer.max_nonfinite_steps:
+                where = save(nonfinite=True)
+                raise NonFiniteTrainingError(_nonfinite_message(metrics, state, where,
+                                                                recipe))
+            # No periodic checkpoint inside a non-finite streak: its state is suspect.
+            if trainer.save_interval and state.step % trainer.save_interval == 0 \
+                    and not state.nonfinite_in_row:
+                save()
+                saved_at = state.step
+            reason = guard.should_exit()
+            if reason is not None:
+                if saved_at != state.step:
                     save()
-                    saved_at = state.step
-                reason = guard.should_exit()
-                if reason is not None:
-                    if saved_at != state.step:
-                        save()
-                    if _rank0():
-                        print(f"wmss {recipe.command}: {reason} at step {state.step}: saved; "
-                              f"exiting with {PREEMPTION_EXIT_CODE} (rerun the same command to "
-                              "resume)", flush=True)
-                    return PREEMPTION_EXIT_CODE
+                if _rank0():
+                    # For launchers that hide the exit code (torchrun): the run says it.
+                    (run_dir / PREEMPTED_FILE).write_text(json.dumps(
+                        {"step": state.step, "reason": reason,
+                         "exit_code": PREEMPTION_EXIT_CODE}) + "\n")
+                    print(f"wmss {recipe.command}: {reason} at step {state.step}: saved; "
+                          f"exiting with {PREEMPTION_EXIT_CODE} (rerun the same command to "
+                          "resume)", flush=True)
+                return PREEMPTION_EXIT_CODE
         final = save() if saved_at != state.step else checkpoints / checkpoint_name(state.step)
         if _rank0():
             print(f"wmss {recipe.command}: done after {state.step} steps "
@@ -284,7 +364,8 @@ def run_training(recipe: Recipe) -> int:
 def _sync_params_for_save(setup) -> None:
     """With an overlapped parameter all-gather the model's weights trail the optimizer's until
     the next forward; finish the gather so the checkpoint holds the updated weights."""
-    if setup.memory is not None and setup.memory.overlap_param_gather:
+    memory = setup.memory
+    if memory is not None and memory.distributed_optimizer and memory.overlap_param_gather:
         for chunk in setup.model:
             chunk.start_param_sync(force_sync=True)
 

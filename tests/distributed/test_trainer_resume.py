@@ -28,9 +28,14 @@ SHORT = [f"trainer.train_steps={STEPS}", f"trainer.save_interval={SAVE_EVERY}",
          "trainer.progress_bar=false", "trainer.keep_last=10"]
 LAYOUTS = {
     "tp2-sft": ("sft", ["parallel.tensor_model_parallel_size=2"]),
+    # λ ramps over the first 6 steps: a resume that restarted the schedule would show.
     "pp2-joint": ("joint", ["parallel.pipeline_model_parallel_size=2",
-                            "data.pad_to_max_length=true"]),
-    "dp2-distopt-joint": ("joint", ["memory.distributed_optimizer=true"]),
+                            "data.pad_to_max_length=true", "mix.lambda_start=0.9",
+                            "mix.lambda_ramp_steps=6"]),
+    # What CUDA runs default to: sharded optimizer state, both communication overlaps.
+    "dp2-distopt-joint": ("joint", ["memory.distributed_optimizer=true",
+                                    "memory.overlap_grad_reduce=true",
+                                    "memory.overlap_param_gather=true"]),
 }
 # Another layout adds the same fp32 terms in another order (TP partial sums, DP all-reduce,
 # vocab padding 384 vs 512 rows, pipeline p2p): ~1e-7 relative per step, which Adam can grow
@@ -149,6 +154,8 @@ def test_sigusr1_saves_exits_with_the_requeue_code_and_resumes(references, tmp_p
     latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
     stopped = _records(run_dir)[-1]["step"]
     assert latest["step"] == stopped < STEPS
+    marker = json.loads((run_dir / "preempted.json").read_text())  # for torchrun users
+    assert marker["step"] == stopped and marker["exit_code"] == PREEMPTION_EXIT_CODE
     assert (run_dir / "checkpoints" / latest["checkpoint"] / "train_state.json").is_file()
     rerun = _run(command, run_dir, overrides)
     assert rerun.returncode == 0, rerun.stderr
@@ -165,12 +172,20 @@ def test_metrics_and_tensorboard_hold_losses_norms_and_diagnostics(references):
                     "tokens_per_s", "mix_lambda", "strong/entropy", "weak/target_prob",
                     "mixed/margin", "mixed/logit_std"):
             assert key in record, key
-        # The two models' norms are the parts of the total one.
+        # The two models' norms are the parts of the total one, and both models train.
         total = (record["grad_norm/strong"] ** 2 + record["grad_norm/weak"] ** 2) ** 0.5
         assert total == pytest.approx(record["grad_norm"], rel=1e-5)
+        assert record["grad_norm/weak"] > 0 and record["grad_norm/strong"] > 0
+        assert record["grad_norm/weak"] != record["grad_norm/strong"]
         assert record["tokens_per_s"] > 0
-    # The mixed distribution sits between the two models' (entropy of a mix of logits).
-    assert all(r["mixed/entropy"] > 0 for r in records)
+    # The λ ramp: 0.9 at step 1, linear to 0.5 at step 7, then constant.
+    lambdas = [r["mix_lambda"] for r in records]
+    assert lambdas[0] == pytest.approx(0.9) and lambdas[6:] == [0.5] * (STEPS - 6)
+    assert all(a > b for a, b in zip(lambdas[:6], lambdas[1:7]))
+    # Two different models: their diagnostics differ, and the mix's lie between theirs.
+    for r in records:
+        low, high = sorted((r["strong/entropy"], r["weak/entropy"]))
+        assert low < high and r["mixed/logit_std"] > 0
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -218,3 +233,32 @@ def test_torchrun_launches_one_rank_per_process(tmp_path):
     records = _records(run_dir)
     assert [r["step"] for r in records] == [1, 2]
     assert json.loads((run_dir / "checkpoints" / "latest").read_text())["step"] == 2
+
+
+def test_training_checkpoints_serve_as_init_and_export(references, tmp_path):
+    """Phase 1's checkpoint starts phase 3 (strong from it, weak from its first checkpoint)
+    and exports to Hugging Face as any model checkpoint does."""
+    source = references["tp2-sft"] / "checkpoints"
+    run_dir = tmp_path / "joint"
+    proc = _run("joint", run_dir, [f"init.strong={source / 'iter_0000012'}",
+                                   f"init.weak={source / 'iter_0000003'}",
+                                   "trainer.train_steps=2"])
+    assert proc.returncode == 0, proc.stderr
+    assert [r["step"] for r in _records(run_dir)] == [1, 2]
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "megatron_wmss.cli", "export-hf", "--ckpt",
+                           str(run_dir / "checkpoints" / "iter_0000002"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_resuming_with_a_changed_recipe_is_refused_in_one_line(references, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(references["tp2-sft"], run_dir)
+    proc = _run("sft", run_dir, ["parallel.tensor_model_parallel_size=2", "optim.lr=0.5"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "wmss sft: error: optim.lr=0.5 differs from 0.003, which the run being resumed")
+    proc = _run("joint", run_dir, [])
+    assert proc.returncode == 2 and "written by `wmss sft`, not `wmss joint`" in proc.stderr

@@ -131,3 +131,24 @@ def test_epoch_cut_to_whole_global_batches_gives_every_rank_equal_micro_batch_co
     with pytest.raises(ValueError, match="epoch_multiple = 6 is invalid"):
         DistributedEpochSampler(23, micro_batch_size=2, dp_rank=0, dp_size=2, seed=0,
                                 epoch_multiple=6)
+
+
+def test_active_set_multiplicity_expands_to_that_many_occurrences(tmp_path):
+    path = tmp_path / "active_set.jsonl"
+    path.write_text('{"idx": 5, "multiplicity": 3, "draws": 3, "weight": 0.2}\n'
+                    '{"idx": 2}\n{"idx": 9, "multiplicity": 1}\n')
+    assert read_active_set(str(path)).tolist() == [5, 5, 5, 2, 9]
+    # One line, a JSON array of objects: the same rule.
+    path.write_text('{"idx": 4, "multiplicity": 2}\n')
+    assert read_active_set(str(path)).tolist() == [4, 4]
+    path.write_text('[{"idx": 1, "multiplicity": 2}, 3]')
+    assert read_active_set(str(path)).tolist() == [1, 1, 3]
+
+
+@pytest.mark.parametrize("multiplicity", ["0", "-1", "1.5", '"2"', "true", "null"])
+def test_bad_multiplicity_names_file_and_line(tmp_path, multiplicity):
+    path = tmp_path / "active_set.jsonl"
+    path.write_text(f'{{"idx": 1}}\n{{"idx": 8, "multiplicity": {multiplicity}}}\n')
+    with pytest.raises(DataFormatError, match=r"active_set.jsonl:2: active set entry for idx 8 "
+                                              r"has multiplicity .*; accepted: an int >= 1"):
+        read_active_set(str(path))

@@ -100,9 +100,13 @@ def _collective_write(root: str, fail_rank: int | None, overwrite: bool = False)
 
 def _three_collective_writes(root: str) -> list[tuple[str, list[str]]]:
     """A fresh write, a refused one, a failing overwrite; what this rank saw after each."""
+    import torch.distributed as dist
+
     seen = []
     for fail_rank, overwrite in ((None, False), (None, False), (1, True)):
         outcome = _collective_write(root, fail_rank, overwrite)
+        # Rank 0 may still be removing a failed write's temporary directory: list after it.
+        dist.barrier()
         seen.append((outcome, sorted(p.relative_to(root).as_posix()
                                      for p in Path(root).rglob("*"))))
     return seen

@@ -16,7 +16,8 @@ def test_torchrun_variables_win():
 
 
 def test_slurm_one_task_per_rank_takes_the_master_from_the_node_list():
-    info = rank_info_from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+    info = rank_info_from_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16",
+                               "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
                                "SLURM_JOB_NODELIST": "gpu[07-08,12]", "SLURM_JOB_ID": "4242"})
     assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.launcher) == \
         (5, 16, 5, "gpu07", "slurm")
@@ -37,3 +38,8 @@ def test_no_launcher_is_one_process():
 def test_bad_rank_variable_names_it():
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):
         rank_info_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_a_batch_script_outside_srun_is_one_process_not_rank_0_of_n():
+    info = rank_info_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"})
+    assert (info.world_size, info.launcher) == (1, "single")

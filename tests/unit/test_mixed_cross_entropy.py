@@ -303,3 +303,19 @@ def test_diagnostics_cover_real_columns_only(fill):
             assert torch.isfinite(got).all(), f"{name}.{field} not finite"
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5,
                                        msg=lambda m: f"{name}.{field}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", ["zeros", "large", "nan"])
+def test_token_entropy_is_the_entropy_over_real_columns(dtype, fill):
+    from megatron_wmss.loss import token_entropy
+
+    logits, _, _, _ = make_case(25, (3, 7), REAL, dtype)
+    padded = pad_columns(logits, PADDED, fill)
+    before = padded.clone()
+    got = token_entropy(padded, vocab_size=REAL)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    want = -(logp.exp() * logp).sum(-1)
+    # fp32 sums over 97 terms against fp64: a few ulps of an O(1..5) entropy.
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == torch.float32 and torch.equal(padded.nan_to_num(), before.nan_to_num())

@@ -1,0 +1,308 @@
+"""The entropy pass of WD-DS: each sample's mean predictive entropy over its supervised tokens.
+
+    H(M; x_i) = −(1/|T_i|) Σ_{t∈T_i} Σ_v P_M(v | x_≤t) log P_M(v | x_≤t)
+
+where T_i are the positions whose logits predict completion tokens (exactly the positions that
+carry the SFT loss: ``labels[t] = tokens[t+1]``), and v runs over the real vocabulary only.
+Teacher-forced, forward-only through megatron's pipeline schedule (any TP/PP), data sharded
+over data-parallel ranks, logits never gathered (vocab-parallel entropy, fp32).
+
+Resumable: the data is cut into shards of ``shard_size`` samples; rank 0 writes each finished
+shard to ``OUT.parts/shard_NNNNNN.jsonl`` atomically, and a rerun skips the shards already
+there. When all are done, ``OUT`` (JSONL, or Parquet for ``.parquet``) holds one row per sample
+(``idx``, ``entropy``, ``num_tokens``) in data order, and ``OUT.meta.json`` names the model, the
+vocabulary and a fingerprint of the tokenized data (``wmss select`` refuses to pair entropies of
+different data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_wmss.data.config import DataConfig, TokenizerConfig
+
+__all__ = ["EntropyJob", "META_SUFFIX", "compute_entropies", "data_fingerprint"]
+
+META_SUFFIX = ".meta.json"
+_FORMAT = "wmss-entropy-1"
+
+
+@dataclass
+class EntropyJob:
+    """One entropy pass: which model, which data, where to write."""
+
+    model: str
+    """Megatron checkpoint (single-model or joint) or Hugging Face directory."""
+    data: DataConfig
+    """The SFT data (shuffle is ignored: samples are visited in file order)."""
+    out: str
+    """Output file: .jsonl, or .parquet."""
+    tokenizer: Optional[TokenizerConfig] = None
+    """Default: the tokenizer stored with the checkpoint."""
+    which: Optional[str] = None
+    """strong | weak for a joint checkpoint (default strong)."""
+    shard_size: int = 1024
+    """Samples per resumable shard."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) \
+                or self.shard_size < 1:
+            raise ValueError(f"shard_size must be an int >= 1, got {self.shard_size!r}")
+        if not str(self.out).endswith((".jsonl", ".parquet")):
+            raise ValueError(f"--out {self.out} must end in .jsonl or .parquet")
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _prepare_checkpoint(job: EntropyJob, parts: Path) -> str:
+    """A megatron checkpoint for ``job.model``: itself, or its HF import under OUT.parts/."""
+    from megatron_wmss.interop import import_hf
+
+    path = Path(job.model)
+    if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
+        target = parts / "model"
+        if not (target / "metadata.json").is_file():
+            import_hf(path, target, overwrite=True)
+        return str(target)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"--model {path} is neither a megatron checkpoint (metadata.json)"
+                                " nor a Hugging Face model directory (config.json)")
+    return str(path)
+
+
+def _tokenizer(job: EntropyJob, ckpt: str):
+    from megatron_wmss.data import load_tokenizer
+    from megatron_wmss.interop import read_model_metadata
+
+    config = job.tokenizer
+    if config is None:
+        stored = read_model_metadata(ckpt).tokenizer_dir
+        if stored is None:
+            raise ValueError(f"--model {job.model} carries no tokenizer; pass --tokenizer")
+        config = TokenizerConfig(path=str(stored))
+    return load_tokenizer(config)
+
+
+def _model(ckpt: str, which: Optional[str]):
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.config import ParallelConfig
+    from megatron_wmss.interop import read_model_metadata
+    from megatron_wmss.interop.convert import (
+        checkpoint_padded_vocab,
+        checkpoint_prefix,
+        model_for_checkpoint,
+    )
+    from megatron_wmss.models import build_gpt_model
+    from megatron_wmss.training.checkpoint import load_model_checkpoint
+
+    cfg = read_model_metadata(ckpt).model
+    prefix = checkpoint_prefix(ckpt, which)
+    cfg = model_for_checkpoint(cfg, checkpoint_padded_vocab(ckpt, prefix), ckpt)
+    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
+                              ps.get_pipeline_model_parallel_world_size())
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # init RNG; the checkpoint overwrites
+    model = build_gpt_model(cfg, parallel)
+    load_model_checkpoint(model, ckpt, prefix)
+    model.eval()
+    return model, cfg
+
+
+def _forward_step(data_iterator, model, *, vocab_size: int):
+    from megatron_wmss.platform import default_device
+    from megatron_wmss.training.step import batch_to_device, causal_attention_mask
+
+    batch = batch_to_device(next(data_iterator), default_device())
+    tokens = batch["tokens"]
+    length = tokens.shape[1]
+    positions = torch.arange(length, device=tokens.device).expand_as(tokens)
+    output = model(tokens, positions, causal_attention_mask(length, tokens.device))
+    return output, partial(_entropy_sums, batch["labels"], batch["row"], vocab_size)
+
+
+def _entropy_sums(labels, rows, vocab_size, logits):
+    """Per sample of the micro-batch: (row, Σ entropy over supervised positions, count)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.loss import token_entropy
+
+    entropy_bs = token_entropy(logits, ps.get_tensor_model_parallel_group(), vocab_size)
+    mask = labels != -100
+    sums = torch.where(mask, entropy_bs, 0.0).sum(dim=1, dtype=torch.float64)
+    report = torch.stack([rows.to(torch.float64), sums, mask.sum(dim=1).to(torch.float64)], 1)
+    zero = logits.new_zeros((), dtype=torch.float32)
+    return zero, mask.sum().to(torch.int), {"entropy": report}
+
+
+def _micro_batches(data, rows: list[int], micro: int, pad_id: int, pad_to: Optional[int],
+                   multiple: int) -> list[dict]:
+    """Collated micro-batches of ``rows``; the last is filled with empty rows (row −1, no
+    labels) so that every micro-batch has ``micro`` rows, as pipeline stages need."""
+    from megatron_wmss.data.collate import SFTDataset, collate_sft
+
+    dataset = SFTDataset(data)
+    out = []
+    for start in range(0, len(rows), micro):
+        chunk = rows[start:start + micro]
+        samples = [dataset[r] for r in chunk]
+        fill = micro - len(samples)
+        samples += [{"input_ids": [pad_id, pad_id], "assistant_mask": [False, False], "idx": -1}
+                    ] * fill
+        batch = collate_sft(samples, pad_id=pad_id, pad_to_multiple_of=multiple,
+                            pad_to_length=pad_to)
+        batch["row"] = torch.tensor(chunk + [-1] * fill, dtype=torch.int64)
+        out.append(batch)
+    return out
+
+
+def _shard_path(parts: Path, shard: int) -> Path:
+    return parts / f"shard_{shard:06d}.jsonl"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_shard(model, data, rows: list[int], micro: int, pad_id: int, pad_to, multiple,
+               vocab_size: int, seq_length: int) -> list[list[float]]:
+    """This rank's (row, sum, count) reports for its share of one shard."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = rows[dp_rank::dp]
+    if not mine:
+        return []
+    batches = _micro_batches(data, mine, micro, pad_id, pad_to, multiple)
+    with torch.no_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, vocab_size=vocab_size),
+            data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+            seq_length=seq_length, micro_batch_size=micro, forward_only=True)
+    last_stage = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    if not last_stage:
+        return []
+    return [row for report in reports for row in report["entropy"].tolist() if row[0] >= 0]
+
+
+def compute_entropies(job: EntropyJob) -> Path:
+    """Collectively run the entropy pass of ``job`` (megatron's parallel state set up)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.data import tokenize_sft
+
+    out = Path(job.out)
+    parts = out.with_name(out.name + ".parts")
+    if _rank0():
+        parts.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    ckpt = _prepare_checkpoint(job, parts)
+    tokenizer = _tokenizer(job, ckpt)
+    model, cfg = _model(ckpt, job.which)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"{job.model} only {cfg.vocab_size}: they do not belong together")
+    data_cfg = dataclasses.replace(job.data, shuffle=False, cache_dir=job.data.cache_dir
+                                   or str(parts / "data-cache"))
+    data = tokenize_sft(data_cfg, tokenizer) if _rank0() else None
+    dist.barrier()
+    if data is None:
+        data = tokenize_sft(data_cfg, tokenizer)
+
+    n = len(data)
+    shards = -(-n // job.shard_size)
+    done = _broadcast(sorted(s for s in range(shards) if _shard_path(parts, s).is_file())
+                      if _rank0() else None)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pad_to = data_cfg.padded_length if data_cfg.padded_length else (
+        -(-data_cfg.max_length // data_cfg.pad_to_multiple_of) * data_cfg.pad_to_multiple_of
+        if pp > 1 else None)
+    bar = None
+    if _rank0():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, initial=min(len(done) * job.shard_size, n), unit="sample",
+                   desc=f"entropy {Path(job.model).name}")
+    for shard in range(shards):
+        if shard in done:
+            continue
+        rows = list(range(shard * job.shard_size, min(n, (shard + 1) * job.shard_size)))
+        mine = _run_shard(model, data, rows, data_cfg.micro_batch_size, tokenizer.pad_id,
+                          pad_to, data_cfg.pad_to_multiple_of, cfg.vocab_size, pad_to or 0)
+        gathered = [None] * dist.get_world_size() if _rank0() else None
+        dist.gather_object(mine, gathered, dst=0)
+        if _rank0():
+            by_row = {int(r): (s, c) for part in gathered for r, s, c in part}
+            if sorted(by_row) != rows:
+                raise RuntimeError(f"shard {shard}: got rows {sorted(by_row)[:5]}..., expected "
+                                   f"{rows[:5]}...")
+            lines = [json.dumps({"idx": int(data.idx[r]), "entropy": by_row[r][0] / by_row[r][1],
+                                 "num_tokens": int(by_row[r][1])}) for r in rows]
+            _write_atomic(_shard_path(parts, shard), "".join(f"{line}\n" for line in lines))
+            bar.update(len(rows))
+        dist.barrier()
+    if _rank0():
+        bar.close()
+        _assemble(job, out, parts, shards, cfg, tokenizer, data)
+    dist.barrier()
+    return out
+
+
+def data_fingerprint(data, tokenizer) -> str:
+    """A digest of the tokenized data (sample idx, lengths, targets) and the tokenizer: two
+    entropy files agree on it exactly when they scored the same samples the same way."""
+    import hashlib
+
+    digest = hashlib.sha256(tokenizer.fingerprint.encode())
+    digest.update(data.idx.astype("int64").tobytes())
+    for column in ("num_tokens", "num_targets"):
+        digest.update(data.dataset.data.column(column).to_numpy().astype("int64").tobytes())
+    return digest.hexdigest()[:40]
+
+
+def _assemble(job, out: Path, parts: Path, shards: int, cfg, tokenizer, data) -> None:
+    records = []
+    for shard in range(shards):
+        records += [json.loads(line) for line in
+                    _shard_path(parts, shard).read_text(encoding="utf-8").splitlines()]
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        pq.write_table(pa.table({k: [r[k] for r in records]
+                                 for k in ("idx", "entropy", "num_tokens")}), tmp)
+        os.replace(tmp, out)
+    else:
+        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    meta = {"format": _FORMAT, "model": str(Path(job.model).resolve()), "which": job.which,
+            "vocab_size": cfg.vocab_size, "tokenizer": tokenizer.fingerprint,
+            "data_paths": list(job.data.paths), "max_length": job.data.max_length,
+            "data_fingerprint": data_fingerprint(data, tokenizer), "num_samples": len(records)}
+    _write_atomic(out.with_name(out.name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(parts, ignore_errors=True)
