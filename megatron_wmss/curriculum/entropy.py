@@ -146,8 +146,9 @@ def _entropy_sums(labels, rows, vocab_size, logits):
 
     from megatron_wmss.loss import token_entropy
 
-    entropy_bs = token_entropy(logits, ps.get_tensor_model_parallel_group(), vocab_size)
     mask = labels != -100
+    # Only the supervised positions are computed: prompts and padding cost nothing.
+    entropy_bs = token_entropy(logits, ps.get_tensor_model_parallel_group(), vocab_size, mask)
     sums = torch.where(mask, entropy_bs, 0.0).sum(dim=1, dtype=torch.float64)
     report = torch.stack([rows.to(torch.float64), sums, mask.sum(dim=1).to(torch.float64)], 1)
     zero = logits.new_zeros((), dtype=torch.float32)

@@ -99,7 +99,12 @@ def _check_real_vocab_cases():
     values, inf or nan must leave loss and gradients bit for bit unchanged."""
     from megatron.core import parallel_state
 
-    from megatron_wmss.loss import cross_entropy, mixed_cross_entropy, mixed_logit_diagnostics
+    from megatron_wmss.loss import (
+        cross_entropy,
+        mixed_cross_entropy,
+        mixed_logit_diagnostics,
+        token_entropy,
+    )
 
     group = parallel_state.get_tensor_model_parallel_group()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -149,6 +154,13 @@ def _check_real_vocab_cases():
             _shard(pad_columns(strong, padded, "large"), rank, tp),
             _shard(pad_columns(weak, padded, "nan"), rank, tp), target, 0.42, tp_group=group,
             vocab_size=REAL_VOCAB)
+        # The entropy pass's lean one-pass entropy, also over the real columns only.
+        lean = token_entropy(_shard(pad_columns(strong, padded, "large"), rank, tp),
+                             tp_group=group, vocab_size=REAL_VOCAB)
+        valid = target != -100
+        excess[f"real-vocab {dtype} token_entropy"] = _max_excess(
+            lean[valid], naive_statistics(strong, target)["entropy"][valid], STATS_TOL,
+            STATS_TOL)
         mixed = 0.42 * strong.float() + 0.58 * weak.float()
         for name, full in (("strong", strong), ("weak", weak), ("mixed", mixed)):
             for field, want in naive_statistics(full, target).items():
@@ -169,8 +181,9 @@ def _check_everything():
 def test_vocab_parallel_matches_single_process_reference(tp):
     per_rank = run_distributed(_check_everything, world_size=tp, tp=tp, timeout=300)
     for rank, (excess, failures) in enumerate(per_rank):
-        # padded vocab: 2 dtypes x (3 losses + 3 strong grads + 2 weak grads + 12 stats)
-        assert len(excess) == 2 * (4 * 3 + 1 + 12) + 2 * (3 + 3 + 2 + 12)
+        # padded vocab: 2 dtypes x (3 losses + 3 strong grads + 2 weak grads + 12 stats + the
+        # lean entropy)
+        assert len(excess) == 2 * (4 * 3 + 1 + 12) + 2 * (3 + 3 + 2 + 12 + 1)
         assert not failures, f"tp={tp} rank={rank}: {failures}"
         over = {k: v for k, v in excess.items() if v > 0}
         assert not over, f"tp={tp} rank={rank} out of tolerance by: {over}"

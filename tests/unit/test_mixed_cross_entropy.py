@@ -319,3 +319,16 @@ def test_token_entropy_is_the_entropy_over_real_columns(dtype, fill):
     # fp32 sums over 97 terms against fp64: a few ulps of an O(1..5) entropy.
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert got.dtype == torch.float32 and torch.equal(padded.nan_to_num(), before.nan_to_num())
+
+
+def test_token_entropy_with_a_mask_computes_only_those_positions():
+    from megatron_wmss.loss import token_entropy
+
+    logits, _, target, _ = make_case(26, (4, 9), REAL, torch.bfloat16)
+    mask = target != -100
+    full = token_entropy(logits)
+    masked = token_entropy(logits, mask=mask)
+    torch.testing.assert_close(masked[mask], full[mask], atol=0, rtol=0)
+    assert torch.count_nonzero(masked[~mask]) == 0
+    with pytest.raises(ValueError, match="mask must be bool"):
+        token_entropy(logits, mask=mask.int())
