@@ -206,3 +206,42 @@ def test_hf_model_through_the_cli_matches_transformers(tmp_path):
             assert r["num_tokens"] == int(target[1:].sum())
     spread = [r["entropy"] for r in rows]
     assert max(spread) - min(spread) > 0.05 and max(spread) < 5.7  # not ~log(320) = 5.77
+
+
+def _small_vocab_checkpoint(workdir):
+    import dataclasses
+
+    from megatron.core import tensor_parallel
+
+    from megatron_wmss.config import ParallelConfig
+    from megatron_wmss.interop.metadata import write_model_metadata
+    from megatron_wmss.models import build_gpt_model
+    from megatron_wmss.platform.files import publishing_directory
+    from megatron_wmss.training.checkpoint import write_model_checkpoint
+
+    cfg = dataclasses.replace(_model_config(), vocab_size=256)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    model = build_gpt_model(cfg, ParallelConfig())
+    with publishing_directory(f"{workdir}/small", collective=True) as tmp:
+        write_model_checkpoint(model, tmp)
+        write_model_metadata(tmp, cfg)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(case, tmp_path):
+    from megatron_wmss.testing import DistributedRunError
+
+    _, data_path, _ = case
+    run_distributed(_small_vocab_checkpoint, world_size=1, args=(str(tmp_path),), timeout=300)
+    with pytest.raises(DistributedRunError) as info:
+        run_distributed(_pass_model, world_size=1, args=(f"{tmp_path}/small", data_path,
+                                                         str(tmp_path / "h.jsonl")), timeout=300)
+    assert info.value.exc_message.startswith("the tokenizer has 320 tokens but the model")
+    assert "only 256" in info.value.exc_message
+
+
+def _pass_model(model, data_path, out):
+    from megatron_wmss.curriculum.entropy import EntropyJob, compute_entropies
+    from megatron_wmss.data import TokenizerConfig
+
+    compute_entropies(EntropyJob(model=model, data=_data_config(data_path), out=out,
+                                 tokenizer=TokenizerConfig(path=str(TOKENIZER))))
