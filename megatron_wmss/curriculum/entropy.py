@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_wmss.data.config import DataConfig, TokenizerConfig
+from megatron_wmss.platform.files import write_file_atomic
 
 __all__ = ["EntropyJob", "META_SUFFIX", "compute_entropies", "data_fingerprint"]
 
@@ -180,15 +180,6 @@ def _shard_path(parts: Path, shard: int) -> Path:
     return parts / f"shard_{shard:06d}.jsonl"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _run_shard(model, data, rows: list[int], micro: int, pad_id: int, pad_to, multiple,
                vocab_size: int, seq_length: int) -> list[list[float]]:
     """This rank's (row, sum, count) reports for its share of one shard."""
@@ -264,7 +255,7 @@ def compute_entropies(job: EntropyJob) -> Path:
                                    f"{rows[:5]}...")
             lines = [json.dumps({"idx": int(data.idx[r]), "entropy": by_row[r][0] / by_row[r][1],
                                  "num_tokens": int(by_row[r][1])}) for r in rows]
-            _write_atomic(_shard_path(parts, shard), "".join(f"{line}\n" for line in lines))
+            write_file_atomic(_shard_path(parts, shard), "".join(f"{line}\n" for line in lines))
             bar.update(len(rows))
         dist.barrier()
     if _rank0():
@@ -295,15 +286,13 @@ def _assemble(job, out: Path, parts: Path, shards: int, cfg, tokenizer, data) ->
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        pq.write_table(pa.table({k: [r[k] for r in records]
-                                 for k in ("idx", "entropy", "num_tokens")}), tmp)
-        os.replace(tmp, out)
+        table = pa.table({k: [r[k] for r in records] for k in ("idx", "entropy", "num_tokens")})
+        write_file_atomic(out, writer=lambda tmp: pq.write_table(table, tmp))
     else:
-        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+        write_file_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     meta = {"format": _FORMAT, "model": str(Path(job.model).resolve()), "which": job.which,
             "vocab_size": cfg.vocab_size, "tokenizer": tokenizer.fingerprint,
             "data_paths": list(job.data.paths), "max_length": job.data.max_length,
             "data_fingerprint": data_fingerprint(data, tokenizer), "num_samples": len(records)}
-    _write_atomic(out.with_name(out.name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
+    write_file_atomic(out.with_name(out.name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(parts, ignore_errors=True)

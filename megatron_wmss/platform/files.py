@@ -14,7 +14,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["check_output_dir", "fsync_tree", "publishing_directory", "replace_directory"]
+__all__ = ["check_output_dir", "fsync_tree", "publishing_directory", "replace_directory",
+           "write_file_atomic"]
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -169,3 +170,26 @@ def _collective_publishing(final: Path, overwrite: bool, group, tag: str | None,
         raise RuntimeError(f"rank(s) {failed} of the group failed while writing {final}; "
                            "nothing was published")
     from_leader(lambda: _publish(tmp, final, overwrite, fsync))
+
+
+def write_file_atomic(path: str | os.PathLike, data: str | bytes | None = None, *,
+                      writer=None) -> Path:
+    """Replace the file ``path`` atomically: write a hidden sibling, sync it, rename it in.
+
+    Give the content as ``data`` (text is UTF-8), or a ``writer(tmp_path)`` that writes the
+    temporary file itself (e.g. a Parquet writer). A reader sees the old file or the new one,
+    never a part of it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if writer is not None:
+            writer(tmp)
+        else:
+            tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -98,9 +98,9 @@ class MetricsLogger:
                     kept.append(line)
             except ValueError:
                 continue  # a line cut by a kill mid-write
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        from megatron_wmss.platform.files import write_file_atomic
+
+        write_file_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

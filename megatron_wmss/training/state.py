@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_wmss.platform import cuda_available
-from megatron_wmss.platform.files import publishing_directory
+from megatron_wmss.platform.files import publishing_directory, write_file_atomic
 from megatron_wmss.training.checkpoint import unwrap_model
 
 __all__ = ["TrainState", "checkpoint_name", "find_resume_checkpoint", "load_training_checkpoint",
@@ -130,12 +130,7 @@ def _layout() -> list[int]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(payload, indent=2))
 
 
 def save_training_checkpoint(setup, state: TrainState, checkpoints_dir: str | os.PathLike, *,

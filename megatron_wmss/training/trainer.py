@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -58,10 +57,10 @@ def _write_resolved_config(recipe: Recipe) -> None:
     """RUN_DIR/config.yaml: the recipe as this run resolved it (rank 0, atomic)."""
     import yaml
 
-    path = recipe.run_dir / "config.yaml"
-    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    from megatron_wmss.platform.files import write_file_atomic
+
+    write_file_atomic(recipe.run_dir / "config.yaml",
+                      yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def _tokenize(recipe: Recipe):

@@ -125,3 +125,20 @@ def test_collective_publishing_is_all_or_nothing(tmp_path):
     assert rank1[2][0] == "ValueError: rank 1 broke"
     assert rank0[2][0].startswith("RuntimeError: rank(s) [1]"), rank0[2]
     assert rank0[2][1] == published
+
+
+def test_write_file_atomic_replaces_whole_or_not_at_all(tmp_path):
+    from megatron_wmss.platform.files import write_file_atomic
+
+    path = tmp_path / "f.json"
+    write_file_atomic(path, "old")
+    write_file_atomic(path, b"new")
+    assert path.read_text() == "new"
+
+    def broken_writer(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomic(path, writer=broken_writer)
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
