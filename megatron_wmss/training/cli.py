@@ -71,6 +71,9 @@ def train_main(command: str, argv: Sequence[str]) -> int:
         if args.nproc_per_node % (tp * pp):
             raise ValueError(f"--nproc-per-node={args.nproc_per_node} is not a multiple of "
                              f"tensor x pipeline parallel size = {tp} x {pp}")
+        # The global batch must split into whole micro-batches per data-parallel rank: say so
+        # here, before any rank starts.
+        recipe.num_microbatches(args.nproc_per_node // (tp * pp))
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

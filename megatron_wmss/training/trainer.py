@@ -146,7 +146,7 @@ def _load_init_weights(setup, recipe: Recipe, inits: dict) -> None:
     setup.weights_changed()  # bf16 runs: the optimizer's fp32 copies follow the loaded weights
 
 
-def _metadata_writer(recipe: Recipe, cfg, inits: dict):
+def _metadata_writer(cfg, inits: dict):
     """What each checkpoint carries beside its weights: the init checkpoint's description
     (HF config and tokenizer included), else one of our own."""
     from megatron_wmss.interop.metadata import MODEL_FILE, copy_model_metadata, \
@@ -285,7 +285,7 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
     else:
         _load_init_weights(setup, recipe, inits)
         state = TrainState(data_seed=data_cfg.seed, total_steps=total)
-    metadata_writer = _metadata_writer(recipe, cfg, {"resume": str(resume)} if resume else inits)
+    metadata_writer = _metadata_writer(cfg, {"resume": str(resume)} if resume else inits)
 
     loader = build_sft_loader(data, data_cfg, pad_id=tokenizer.pad_id, dp_rank=dp_rank,
                               dp_size=dp, consumed_samples=state.consumed_samples,

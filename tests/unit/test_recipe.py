@@ -101,3 +101,16 @@ def test_a_bad_recipe_fails_in_one_line_and_writes_nothing(tmp_path):
         "adam_beta1, adam_beta2, adam_eps, clip_grad, lr, lr_schedule, min_lr, warmup_fraction, "
         "weak_lr, weight_decay)"]
     assert not run_dir.exists()
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_fails_before_they_start(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_wmss.cli", "sft", "--config", str(TINY_SFT),
+         "--run-dir", str(run_dir), "--nproc-per-node", "2", "trainer.global_batch_size=6"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "wmss sft: error: trainer.global_batch_size=6 must be a multiple of "
+        "data.micro_batch_size x data-parallel size = 4 x 2"]
+    assert not run_dir.exists()
