@@ -92,6 +92,12 @@ def _select(argv: Sequence[str]) -> int:
     return select_main(list(argv))
 
 
+def _eval(argv: Sequence[str]) -> int:
+    from megatron_wmss.evaluation.cli import eval_main
+
+    return eval_main(list(argv))
+
+
 # name -> (help, handler taking the command's own arguments)
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "env": ("show versions and which GPU libraries are usable", _env),
@@ -105,6 +111,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
                   _import_hf),
     "export-hf": ("write a megatron checkpoint (or one half of a joint one) as a Hugging Face "
                   "model", _export_hf),
+    "eval": ("evaluate a model with lm-eval (AIME, AMC, MATH-500, GSM8K, HumanEval, MBPP); "
+             "`eval score` grades a predictions file, `eval report` compares runs", _eval),
     "extract": ("write the strong (or weak) model of a joint checkpoint as a single-model "
                 "megatron checkpoint", _extract),
 }

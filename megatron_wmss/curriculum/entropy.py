@@ -102,30 +102,9 @@ def _tokenizer(job: EntropyJob, ckpt: str):
 
 
 def _model(ckpt: str, which: Optional[str]):
-    from megatron.core import parallel_state as ps
+    from megatron_wmss.interop.convert import load_checkpoint_model
 
-    from megatron_wmss.config import ParallelConfig
-    from megatron_wmss.interop import read_model_metadata
-    from megatron_wmss.interop.convert import (
-        checkpoint_padded_vocab,
-        checkpoint_prefix,
-        model_for_checkpoint,
-    )
-    from megatron_wmss.models import build_gpt_model
-    from megatron_wmss.training.checkpoint import load_model_checkpoint
-
-    cfg = read_model_metadata(ckpt).model
-    prefix = checkpoint_prefix(ckpt, which)
-    cfg = model_for_checkpoint(cfg, checkpoint_padded_vocab(ckpt, prefix), ckpt)
-    parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
-                              ps.get_pipeline_model_parallel_world_size())
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed(0)  # init RNG; the checkpoint overwrites
-    model = build_gpt_model(cfg, parallel)
-    load_model_checkpoint(model, ckpt, prefix)
-    model.eval()
-    return model, cfg
+    return load_checkpoint_model(ckpt, which)
 
 
 def _forward_step(data_iterator, model, *, vocab_size: int):

@@ -60,6 +60,7 @@ __all__ = [
     "extract_megatron",
     "hf_state_dict",
     "import_hf",
+    "load_checkpoint_model",
     "model_for_checkpoint",
     "save_with_metadata",
 ]
@@ -219,6 +220,22 @@ def model_for_checkpoint(cfg: ModelConfig, padded_vocab: int, ckpt_dir: str = ""
                          f"cannot hold vocab_size={cfg.vocab_size} split over "
                          f"tensor_model_parallel_size={tp}")
     return dataclasses.replace(cfg, make_vocab_size_divisible_by=padded_vocab // tp)
+
+
+def load_checkpoint_model(ckpt_dir: str | os.PathLike, which: str | None = None,
+                          model_from: str | os.PathLike | None = None):
+    """``(model, cfg)``: this rank's stage of the model stored in ``ckpt_dir`` (single-model,
+    or the ``which`` half of a joint checkpoint), built at the current megatron layout with
+    the checkpoint's vocabulary padding, weights loaded (resharded as needed), in eval mode.
+    Collective over the model-parallel group. ``model_from``: where the model description is
+    when ``ckpt_dir`` has none."""
+    cfg = read_model_metadata(model_from or ckpt_dir).model
+    prefix = checkpoint_prefix(ckpt_dir, which)
+    cfg = model_for_checkpoint(cfg, checkpoint_padded_vocab(ckpt_dir, prefix), str(ckpt_dir))
+    model = build_stage_model(cfg)
+    load_model_checkpoint(model, ckpt_dir, prefix)
+    model.eval()
+    return model, cfg
 
 
 def hf_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:

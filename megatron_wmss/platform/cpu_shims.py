@@ -165,6 +165,7 @@ _CURRENT_DEVICE_USERS = (
     "distributed.param_and_grad_buffer",
     "pipeline_parallel.p2p_communication",
     "dist_checkpointing.strategies.state_dict_saver",
+    "transformer.attention",
 )
 
 
@@ -178,7 +179,9 @@ def current_device_is_cpu() -> None:
     ``utils.GlobalMemoryBuffer.get_tensor`` (the score buffer of ``DotProductAttention``),
     ``_ParamAndGradBuffer.__init__`` (distributed/param_and_grad_buffer.py, megatron DDP),
     ``P2PCommunicator._communicate`` receive buffers (pipeline_parallel/p2p_communication.py)
-    and ``save_state_dict_async_finalize`` (dist_checkpointing/strategies/state_dict_saver.py).
+    ``save_state_dict_async_finalize`` (dist_checkpointing/strategies/state_dict_saver.py)
+    and ``Attention._allocate_memory`` (transformer/attention.py: the KV cache of a
+    ``StaticInferenceContext``, evaluation's incremental decoding).
     Without CUDA each raises "Torch not compiled with CUDA enabled". Only as a device: megatron
     code that indexes devices with it is not on CPU paths.
     """

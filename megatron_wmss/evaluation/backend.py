@@ -1,0 +1,317 @@
+"""An lm-eval backend that evaluates a megatron checkpoint in process, tensor-parallel.
+
+``MegatronLM`` (registered with lm-eval as ``wmss-megatron``) runs on every rank of a
+tensor-parallel group: every rank reports lm-eval rank 0 of world size 1, so each receives all
+requests and runs the same forward passes; the vocabulary-parallel logits are gathered
+(``runtime_gather_output``), so every rank sees the full distribution, and the token chosen at
+each decoding step is broadcast from the group's first rank (sampling draws there only).
+Pipeline parallelism is refused: lm-eval's request loop has no stage schedule.
+
+- ``loglikelihood``: one plain forward over context + continuation (right-padded batches under
+  a causal mask), fp32 ``log_softmax`` over the real vocabulary, summed over the continuation;
+  the same truncation and pairing rules as lm-eval's ``hf`` backend (``TemplateLM``).
+- ``generate_until``: one request at a time with megatron-core's ``StaticInferenceContext`` KV
+  cache: the prompt is prefilled once, then one token per forward. Greedy unless the request
+  asks for sampling. Stops at EOS, at ``max_gen_toks``, or at a stop string (checked on the
+  decoded tail only); the text is cut at the first stop string as the ``hf`` backend cuts it.
+
+Tokenisation follows the ``hf`` backend for Hugging Face tokenizers (default special tokens,
+decoding with special tokens skipped, the tokenizer's own chat template), so that both
+backends see the same ids; SentencePiece models use the built-in chat template.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["EvalTokenizer", "MegatronLM", "load_eval_tokenizer"]
+
+# Generated tokens re-decoded to look for a stop string: enough for any stop string of up to
+# ~40 characters even at one character per token, and cheap at every step.
+_STOP_WINDOW_TOKENS = 48
+
+
+class EvalTokenizer:
+    """What the backend needs of a tokenizer, as lm-eval's ``hf`` backend uses it."""
+
+    def __init__(self, name: str, hf: Any = None, chat: Any = None) -> None:
+        self.name = name
+        self.hf = hf          # transformers tokenizer, or None
+        self.chat = chat      # megatron_wmss ChatTokenizer (SentencePiece), or None
+        if hf is not None:
+            self.eos_id = hf.eos_token_id
+            self.bos_id = hf.bos_token_id
+            self.bos_text = hf.bos_token
+        else:
+            self.eos_id, self.bos_id, self.bos_text = chat.eos_id, None, None
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {name} defines no EOS token")
+
+    def encode(self, text: str, add_special_tokens: Optional[bool] = None) -> list[int]:
+        if self.hf is None:
+            return self.chat.encode(text)
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and self.bos_text and text.startswith(self.bos_text):
+            kwargs["add_special_tokens"] = False
+        return self.hf.encode(text, **kwargs)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self.hf is None:
+            return self.chat.decode(ids)
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def eos_text(self) -> str:
+        return self.decode([self.eos_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, history: list[dict], add_generation_prompt: bool) -> str:
+        if self.hf is not None:
+            if not self.hf.chat_template:
+                raise ValueError(f"tokenizer {self.name} has no chat template; evaluate with "
+                                 "--no-chat-template")
+            return self.hf.apply_chat_template(history, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=not add_generation_prompt)
+        pieces = self.chat.chat_pieces(history, add_generation_prompt)
+        return "".join(text for text, _ in pieces)
+
+    @property
+    def template(self) -> str:
+        if self.hf is not None:
+            return str(self.hf.chat_template or "")
+        return "wmss-sentencepiece-chat"
+
+
+def load_eval_tokenizer(path: str) -> EvalTokenizer:
+    """A SentencePiece ``.model`` file, or a Hugging Face tokenizer directory (local only)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isfile(path):
+        from megatron_wmss.data.tokenizers import SentencePieceTokenizer
+
+        return EvalTokenizer(path, chat=SentencePieceTokenizer(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer {path} is neither a SentencePiece .model file nor a "
+                                "Hugging Face tokenizer directory")
+    from transformers import AutoTokenizer
+
+    return EvalTokenizer(path, hf=AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _register():
+    # lm-eval's built-in backends register on import of lm_eval.models: import it first, or
+    # registering ours would leave the registry without them.
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+
+    return TemplateLM, register_model
+
+
+_TemplateLM, _register_model = _register()
+
+
+@_register_model("wmss-megatron")
+class MegatronLM(_TemplateLM):
+    """lm-eval ``LM`` over a megatron-core model already built on this rank.
+
+    ``model``: the rank's ``GPTModel`` (TP shard, PP=1), in eval mode; ``vocab_size``: real
+    vocabulary (padded logit columns are dropped); ``max_length``: longest context + generation
+    in tokens (default: the model's ``max_position_embeddings``).
+    """
+
+    def __init__(self, model, tokenizer: EvalTokenizer, vocab_size: int, *,
+                 max_length: int, batch_size: int = 8, max_gen_toks: int = 256,
+                 seed: int = 1234) -> None:
+        super().__init__()
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("the wmss-megatron backend runs at pipeline-parallel size 1; "
+                             "evaluate with --tp only (or export with `wmss export-hf`)")
+        self.model = model
+        self.tok = tokenizer
+        self.vocab_size = vocab_size
+        self._max_length = max_length
+        self.batch_size = batch_size
+        self.max_gen_toks = max_gen_toks
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_src = ps.get_tensor_model_parallel_src_rank()
+        self.leader = dist.get_rank() == self.tp_src
+        self._device = next(model.parameters()).device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    # --- what lm-eval asks of a model -----------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tok.name.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tok.template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True
+                            ) -> str:
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                   **kwargs) -> list[int]:
+        return self.tok.encode(string, add_special_tokens)
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(tokens, skip_special_tokens)
+
+    # --- forward passes -------------------------------------------------------------------
+    @torch.no_grad()
+    def _logits(self, tokens_bs: torch.Tensor, inference_context=None,
+                position_offset: int = 0) -> torch.Tensor:
+        """fp32 logits ``[b, s', V]`` over the real vocabulary (``s' = 1`` when a KV-cache
+        context materialises only the last position)."""
+        from megatron_wmss.training.step import causal_attention_mask
+
+        b, s = tokens_bs.shape
+        positions = torch.arange(position_offset, position_offset + s,
+                                 device=self._device).expand(b, s)
+        mask = causal_attention_mask(s, self._device) if s > 1 else None
+        logits = self.model(tokens_bs.to(self._device), positions, mask,
+                            inference_context=inference_context, runtime_gather_output=True)
+        return logits[..., : self.vocab_size].float()
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
+                              ) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
+        out: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
+        # Longest first, as the hf backend orders them (and so batches pad little).
+        order = sorted(range(len(requests)),
+                       key=lambda i: -len(requests[i][1] + requests[i][2]))
+        bar = tqdm(total=len(requests), desc="loglikelihood",
+                   disable=disable_tqdm or not self.leader)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            rows, spans = [], []
+            for i in batch:
+                _, context_enc, continuation_enc = requests[i]
+                # The hf backend's window: the last max_length+1 tokens, minus the final one.
+                whole = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+                rows.append(whole)
+                spans.append(len(continuation_enc))
+            width = max(len(r) for r in rows)
+            tokens = torch.full((len(rows), width), self.tok.eos_id, dtype=torch.long)
+            for r, row in enumerate(rows):
+                tokens[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            logprobs = torch.log_softmax(self._logits(tokens), dim=-1).cpu()
+            for r, i in enumerate(batch):
+                n, length = spans[r], len(rows[r])
+                target = torch.tensor(requests[i][2][-n:], dtype=torch.long)
+                lp = logprobs[r, length - n: length]
+                picked = lp.gather(1, target[:, None])[:, 0]
+                greedy = bool((lp.argmax(dim=-1) == target).all())
+                out[i] = (float(picked.double().sum()), greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        results = []
+        for (text,) in [req.args for req in requests]:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows],
+                                                disable_tqdm=True)
+            results.append(sum(score for score, _ in scores))
+        return results
+
+    def _choose(self, logits_v: torch.Tensor, do_sample: bool, temperature: float,
+                top_p: float) -> int:
+        """Next token: argmax, or a draw at ``temperature`` / ``top_p``, decided on the group's
+        first rank and broadcast (ranks hold identical gathered logits, but one decision keeps
+        them in lockstep even where floating-point ties break differently)."""
+        if not do_sample or temperature <= 0:
+            choice = int(torch.argmax(logits_v))
+        else:
+            probs = torch.softmax(logits_v.cpu().double() / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, idx = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+            choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        if dist.get_world_size(self.tp_group) > 1:
+            box = torch.tensor([choice], dtype=torch.long, device=self._device)
+            dist.broadcast(box, src=self.tp_src, group=self.tp_group)
+            choice = int(box.item())
+        return choice
+
+    def _hit_stop(self, generated: list[int], until: Sequence[str]) -> bool:
+        if not until:
+            return False
+        tail = self.tok.decode(generated[-_STOP_WINDOW_TOKENS:])
+        return any(stop and stop in tail for stop in until)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompt: list[int], max_new_tokens: int, until: Sequence[str] = (),
+                        do_sample: bool = False, temperature: float = 0.0,
+                        top_p: float = 1.0) -> list[int]:
+        """Token ids generated after ``prompt`` with a KV cache, EOS excluded."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if max_new_tokens <= 0:
+            return []
+        context = StaticInferenceContext(max_batch_size=1,
+                                         max_sequence_length=len(prompt) + max_new_tokens)
+        logits = self._logits(torch.tensor([prompt], dtype=torch.long), context)
+        context.sequence_len_offset += len(prompt)
+        generated: list[int] = []
+        while True:
+            token = self._choose(logits[0, -1], do_sample, temperature, top_p)
+            if token == self.tok.eos_id:
+                break
+            generated.append(token)
+            if len(generated) >= max_new_tokens or self._hit_stop(generated, until):
+                break
+            logits = self._logits(torch.tensor([[token]], dtype=torch.long), context,
+                                  position_offset=context.sequence_len_offset)
+            context.sequence_len_offset += 1
+        return generated
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+        from lm_eval.models.utils import postprocess_generated_text
+        from tqdm import tqdm
+
+        results = []
+        for context, gen_kwargs in tqdm([req.args for req in requests], desc="generate_until",
+                                        disable=disable_tqdm or not self.leader):
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok.eos_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in the "
+                                 f"model's max_length={self.max_length}")
+            prompt = self.tok_encode(context)[-(self.max_length - max_new):]
+            ids = self.generate_tokens(prompt, max_new, until,
+                                       do_sample=bool(kwargs.get("do_sample", False)),
+                                       temperature=float(kwargs.get("temperature", 0.0) or 0.0),
+                                       top_p=float(kwargs.get("top_p", 1.0) or 1.0))
+            text = postprocess_generated_text(self.tok_decode(ids), until, None)
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results
