@@ -145,7 +145,7 @@ def test_wmss_eval_runs_a_math_and_a_code_task_with_both_backends(models, tmp_pa
     predictions = {}
     for name, args in runs.items():
         out = tmp_path / name
-        done = _wmss("eval", *args, *common, "--out", out)
+        done = _wmss("eval", *args, *common, "--label", name, "--out", out)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"wrote {out}" in done.stdout
         summary = json.loads((out / "summary.json").read_text())
@@ -166,3 +166,13 @@ def test_wmss_eval_runs_a_math_and_a_code_task_with_both_backends(models, tmp_pa
     for task in ("gsm8k", "mbpp"):
         assert predictions["hf", task] == predictions["megatron", task]
         assert any(predictions["hf", task])
+    done = _wmss("eval", "report", tmp_path / "hf", tmp_path / "megatron", "--out",
+                 tmp_path / "report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for task in ("gsm8k", "mbpp"):  # each run's own score, side by side
+        by_run = report["scores"][task]
+        assert by_run["hf"] == json.loads((tmp_path / "hf" / "summary.json").read_text()
+                                          )["tasks"][task]
+        assert by_run["megatron"]["score"] == by_run["hf"]["score"]
+    assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
