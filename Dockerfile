@@ -9,10 +9,11 @@ FROM ${BASE_IMAGE}
 WORKDIR /opt/megatron_wmss
 COPY setup.py pyproject.toml README.md ./
 COPY megatron_wmss ./megatron_wmss
+# Before the install: setup.py maps the lm-eval task YAMLs in as package data.
+COPY evaluation ./evaluation
 # The container's torch already satisfies torch>=2.4, so pip leaves it alone.
 RUN python -m pip install --no-cache-dir -e ".[eval]"
 COPY launch ./launch
 COPY examples ./examples
-COPY evaluation ./evaluation
 
 CMD ["wmss", "env"]

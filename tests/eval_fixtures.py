@@ -58,6 +58,17 @@ def make_hf_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+MBPP_RECORDS = [  # MBPP format (google-research-datasets/mbpp), reference code passes
+    {"task_id": 11, "text": "Write a function to add two numbers.",
+     "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3",
+                                                            "assert add(-1, 1) == 0"],
+     "test_setup_code": "", "challenge_test_list": []},
+    {"task_id": 12, "text": "Write a function to square a number.",
+     "code": "def square(x):\n    return x * x", "test_list": ["assert square(3) == 9"],
+     "test_setup_code": "import math", "challenge_test_list": []},
+]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -69,12 +80,5 @@ def write_benchmark_files(directory: Path) -> Path:
     write_jsonl(directory / "gsm8k.jsonl", [
         {"question": f"Question {i}: what is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n"
          f"#### {2 * i}"} for i in range(1, 5)])
-    write_jsonl(directory / "mbpp.jsonl", [
-        {"task_id": 1, "text": "Write a function to add two numbers.",
-         "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3",
-                                                             "assert add(-1, 1) == 0"],
-         "test_setup_code": "", "challenge_test_list": []},
-        {"task_id": 2, "text": "Write a function to double a number.",
-         "code": "def double(x):\n    return 2 * x", "test_list": ["assert double(4) == 8"],
-         "test_setup_code": "", "challenge_test_list": []}])
+    write_jsonl(directory / "mbpp.jsonl", MBPP_RECORDS)
     return directory

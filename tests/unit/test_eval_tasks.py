@@ -17,6 +17,7 @@ pytest.importorskip("math_verify")
 from megatron_wmss.evaluation import benchmarks, tasks_dir  # noqa: E402
 from megatron_wmss.evaluation.score import score_main, score_predictions  # noqa: E402
 from megatron_wmss.platform.errors import UserError  # noqa: E402
+from tests.eval_fixtures import MBPP_RECORDS  # noqa: E402
 
 MATH_TASKS = [n for n, s in benchmarks.TASKS.items() if s.kind == "math"]
 
@@ -38,15 +39,6 @@ MATH_FIXTURES = {
                                "answer": "48 + 24 = <<48+24=72>>72\n#### 72"},
                               {"question": "Twelve dozen?", "answer": "12*12=144\n#### 144"}]),
 }
-MBPP_FIXTURE = [
-    {"task_id": 11, "text": "Write a function to add two numbers.",
-     "code": "def add(a, b):\n    return a + b", "test_list": ["assert add(1, 2) == 3",
-                                                            "assert add(-1, 1) == 0"],
-     "test_setup_code": "", "challenge_test_list": []},
-    {"task_id": 12, "text": "Write a function to square a number.",
-     "code": "def square(x):\n    return x * x", "test_list": ["assert square(3) == 9"],
-     "test_setup_code": "import math", "challenge_test_list": []},
-]
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -62,7 +54,7 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("benchmarks")
     for file_name, records in MATH_FIXTURES.values():
         _write(root / file_name, records)
-    _write(root / "mbpp.jsonl", MBPP_FIXTURE)
+    _write(root / "mbpp.jsonl", MBPP_RECORDS)
     return root
 
 
@@ -100,7 +92,7 @@ def test_every_task_has_a_yaml_that_lm_eval_loads_over_its_builtin(data_dir):
             assert task.doc_to_target(docs[0]) == expected[0]["answer"]
     assert len(loaded["humaneval"].test_docs()) == 164
     mbpp_doc = loaded["mbpp"].test_docs()[0]
-    assert mbpp_doc["test_list"] == MBPP_FIXTURE[0]["test_list"]  # lists stay lists
+    assert mbpp_doc["test_list"] == MBPP_RECORDS[0]["test_list"]  # lists stay lists
 
 
 def test_data_dir_from_the_environment(data_dir, monkeypatch):
