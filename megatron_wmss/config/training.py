@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -10,6 +11,8 @@ __all__ = ["RECOMPUTE", "MemoryConfig", "MixConfig", "OptimConfig"]
 
 #: Activation recomputation: none, selective (core attention), full (every layer).
 RECOMPUTE = ("none", "selective", "full")
+#: MemoryConfig.cross_entropy_impl choices (megatron_wmss.models.gpt.WMSSGPTModel).
+CROSS_ENTROPY_IMPLS = ("unfused", "chunked")
 
 
 def _in_unit_interval(owner: str, name: str, value) -> None:
@@ -121,8 +124,22 @@ class MemoryConfig:
     with CUDA."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (every layer)."""
+    cross_entropy_impl: str = "unfused"
+    """How SFT's and the joint run's loss meet the output layer: unfused (the output layer
+    makes the [s, b, v] logits, then the loss) | chunked (the loss straight from the final
+    hidden states and output weights, a chunk of tokens at a time: no logits tensor)."""
+    cross_entropy_chunk_tokens: Optional[int] = None
+    """Tokens per chunk of the chunked loss; null: about 16M logits of the vocab shard."""
 
     def __post_init__(self) -> None:
+        if self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
+            raise ValueError(f"memory.cross_entropy_impl must be one of "
+                             f"{list(CROSS_ENTROPY_IMPLS)}, got {self.cross_entropy_impl!r}")
+        chunk = self.cross_entropy_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                  or chunk < 1):
+            raise ValueError(f"memory.cross_entropy_chunk_tokens must be a positive int or "
+                             f"null, got {chunk!r}")
         for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
@@ -139,10 +156,9 @@ class MemoryConfig:
             raise ValueError("memory.overlap_param_gather=true needs the distributed optimizer "
                              "(memory.distributed_optimizer=true; its default is on with CUDA "
                              "only)")
-        return MemoryConfig(
-            distributed_optimizer=dist_opt,
+        return dataclasses.replace(
+            self, distributed_optimizer=dist_opt,
             overlap_grad_reduce=cuda if self.overlap_grad_reduce is None
             else self.overlap_grad_reduce,
             overlap_param_gather=(cuda and dist_opt) if self.overlap_param_gather is None
-            else self.overlap_param_gather,
-            recompute=self.recompute)
+            else self.overlap_param_gather)

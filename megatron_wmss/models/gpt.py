@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 
-from megatron_wmss.loss import cross_entropy
+from megatron_wmss.config.training import CROSS_ENTROPY_IMPLS
+from megatron_wmss.loss import cross_entropy, linear_cross_entropy
 from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
 
 __all__ = ["WMSSGPTModel"]
@@ -34,7 +35,50 @@ class WMSSGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.real_vocab_size = real_vocab_size
         self.ignore_index = ignore_index
+        self.cross_entropy_impl, self.cross_entropy_chunk = "unfused", None
         self._zero_padded_vocab_rows()
+
+    def set_cross_entropy(self, impl: str, chunk_tokens: Optional[int] = None) -> None:
+        """Choose how the loss is computed: ``unfused`` (the output layer makes the logits,
+        then the loss) or ``chunked`` (:func:`megatron_wmss.loss.linear_cross_entropy` from
+        the final hidden states and the output weight, no logits tensor); ``chunk_tokens``:
+        tokens per chunk (None: its default)."""
+        if impl not in CROSS_ENTROPY_IMPLS:
+            raise ValueError(f"cross-entropy implementation must be one of "
+                             f"{list(CROSS_ENTROPY_IMPLS)}, got {impl!r}")
+        if impl == "chunked" and self.config.sequence_parallel:
+            raise ValueError("the chunked cross-entropy takes the replicated hidden states; "
+                             "it does not run with sequence parallelism")
+        self.cross_entropy_impl, self.cross_entropy_chunk = impl, chunk_tokens
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[v, h]`` output-layer weight shard (the tied embedding's if tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def final_hidden_states(self, input_ids, position_ids, attention_mask, **kwargs):
+        """The last stage's ``[s, b, h]`` hidden states after the final norm: ``forward``
+        without the output layer."""
+        post_process, self.post_process = self.post_process, False  # read by _postprocess
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, **kwargs)
+        finally:
+            self.post_process = post_process
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                **kwargs):
+        if labels is None or not self.post_process or self.cross_entropy_impl == "unfused":
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input,
+                                   labels, **kwargs)
+        hidden_sbh = self.final_hidden_states(input_ids, position_ids, attention_mask,
+                                              decoder_input=decoder_input, **kwargs)
+        loss_sb = linear_cross_entropy(hidden_sbh, self.output_weight(), labels.transpose(0, 1),
+                                       tp_group=self.pg_collection.tp,
+                                       ignore_index=self.ignore_index,
+                                       vocab_size=self.real_vocab_size,
+                                       chunk_size=self.cross_entropy_chunk)
+        return loss_sb.transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def _zero_padded_vocab_rows(self) -> None:

@@ -5,7 +5,9 @@ states travel as one tensor ``[s, b, h_strong + h_weak]`` (concatenated on the h
 dimension), so megatron-core's non-interleaved pipeline schedule runs the pair unchanged: the
 joint model's ``config.hidden_size`` is the sum, which is what the schedule sizes its p2p
 buffers from. The last stage runs both output layers and the vocab-parallel mixed
-cross-entropy on the two models' logit shards.
+cross-entropy on the two models' logit shards, or, with ``set_cross_entropy("chunked")``,
+the chunked linear mixed cross-entropy on both models' final hidden states and output weights
+(no logits tensor at all).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_wmss.loss import mixed_cross_entropy, mixed_logit_diagnostics
+from megatron_wmss.loss import (
+    linear_mixed_cross_entropy,
+    mixed_cross_entropy,
+    mixed_logit_diagnostics,
+)
+from megatron_wmss.loss.linear_cross_entropy import default_chunk_size
 from megatron_wmss.loss.vocab_parallel import check_mix_lambda
 
 __all__ = ["DIAGNOSTIC_FIELDS", "JointGPTModel", "finalize_joint_model_grads"]
@@ -107,6 +114,25 @@ class JointGPTModel(MegatronModule):
         self._diagnostic_sums = sums if self._diagnostic_sums is None else \
             self._diagnostic_sums + sums
 
+    def set_cross_entropy(self, impl: str, chunk_tokens: Optional[int] = None) -> None:
+        """Both models' :meth:`WMSSGPTModel.set_cross_entropy`: ``chunked`` computes the mixed
+        loss from the two models' final hidden states and output weights, with no logits."""
+        self.strong.set_cross_entropy(impl, chunk_tokens)
+        self.weak.set_cross_entropy(impl, chunk_tokens)
+
+    def _accumulate_chunked_diagnostics(self, hidden_s, hidden_w, labels_t) -> None:
+        """The diagnostics of the chunked path: logits made a chunk of tokens at a time."""
+        weight_s, weight_w = self.strong.output_weight(), self.weak.output_weight()
+        hidden_s = hidden_s.detach().reshape(-1, hidden_s.shape[-1])
+        hidden_w = hidden_w.detach().reshape(-1, hidden_w.shape[-1])
+        chunk = self.strong.cross_entropy_chunk or default_chunk_size(weight_s.shape[0])
+        with torch.no_grad():
+            for start in range(0, labels_t.numel(), chunk):
+                rows = slice(start, start + chunk)
+                self._accumulate_diagnostics(hidden_s[rows] @ weight_s.detach().t(),
+                                             hidden_w[rows] @ weight_w.detach().t(),
+                                             labels_t[rows])
+
     def set_mix_lambda(self, mix_lambda: float) -> None:
         """Set λ for the following forward passes (the optional linear ramp calls this)."""
         self.mix_lambda = check_mix_lambda(mix_lambda)
@@ -132,6 +158,9 @@ class JointGPTModel(MegatronModule):
         return torch.no_grad() if self.freeze_weak else contextlib.nullcontext()
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None):
+        if labels is not None and self.post_process and \
+                self.strong.cross_entropy_impl == "chunked":
+            return self._chunked_loss(input_ids, position_ids, attention_mask, labels)
         strong_out = self.strong(input_ids, position_ids, attention_mask)
         with self._weak_context():
             weak_out = self.weak(input_ids, position_ids, attention_mask)
@@ -143,6 +172,19 @@ class JointGPTModel(MegatronModule):
             self._accumulate_diagnostics(strong_out, weak_out, labels)
         return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
                                    tp_group=self.tp_group, vocab_size=self.real_vocab_size)
+
+    def _chunked_loss(self, input_ids, position_ids, attention_mask, labels):
+        hidden_s = self.strong.final_hidden_states(input_ids, position_ids, attention_mask)
+        with self._weak_context():
+            hidden_w = self.weak.final_hidden_states(input_ids, position_ids, attention_mask)
+        labels_sb = labels.transpose(0, 1)  # hidden states are [s, b, h]
+        if self._diagnostics_on:
+            self._accumulate_chunked_diagnostics(hidden_s, hidden_w, labels_sb.reshape(-1))
+        loss_sb = linear_mixed_cross_entropy(
+            hidden_s, hidden_w, self.strong.output_weight(), self.weak.output_weight(),
+            labels_sb, self.mix_lambda, tp_group=self.tp_group, vocab_size=self.real_vocab_size,
+            chunk_size=self.strong.cross_entropy_chunk)
+        return loss_sb.transpose(0, 1).contiguous()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Both models' megatron sharded state dicts under ``strong.`` and ``weak.``."""

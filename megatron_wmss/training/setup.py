@@ -168,6 +168,7 @@ def setup_training(
     if mix is not None:
         weak = build_gpt_model(weak_cfg, parallel, recompute=memory.recompute)
         model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
+    model.set_cross_entropy(memory.cross_entropy_impl, memory.cross_entropy_chunk_tokens)
 
     ddp = DistributedDataParallel(
         config=model.config,

@@ -71,7 +71,7 @@ def _micro_batches(dp_rank, dp_size):
                    "labels": labels[rows][start:start + MICRO_BATCH]}
 
 
-def _setup(freeze_weak, mix_lambda=0.5, joint=True, tied=True, weight_decay=0.01):
+def _setup(freeze_weak, mix_lambda=0.5, joint=True, tied=True, weight_decay=0.01, memory=None):
     from megatron.core import parallel_state as ps
 
     from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
@@ -82,7 +82,14 @@ def _setup(freeze_weak, mix_lambda=0.5, joint=True, tied=True, weight_decay=0.01
     optim = OptimConfig(lr=1e-3, warmup_fraction=0.0, lr_schedule="constant",
                         weight_decay=weight_decay)
     mix = MixConfig(mix_lambda=mix_lambda, freeze_weak=freeze_weak) if joint else None
-    return setup_training(_model_config(tied), parallel, optim, STEPS, mix=mix)
+    return setup_training(_model_config(tied), parallel, optim, STEPS, mix=mix, memory=memory)
+
+
+def _chunked():
+    """The chunked loss, in chunks of 5 tokens (a micro-batch holds 32: 7 chunks)."""
+    from megatron_wmss.config import MemoryConfig
+
+    return MemoryConfig(cross_entropy_impl="chunked", cross_entropy_chunk_tokens=5)
 
 
 def _train(setup):
@@ -131,13 +138,13 @@ def _direct_loss(joint):
     return float(per_token.sum() / (labels != -100).sum())
 
 
-def _layout_run(workdir):
+def _layout_run(workdir, chunked=False):
     from megatron_wmss.training import is_weak_param
     from megatron_wmss.training.checkpoint import load_model_checkpoint
 
     out = {}
     for freeze in (False, True):
-        setup = _setup(freeze)
+        setup = _setup(freeze, memory=_chunked() if chunked else None)
         load_model_checkpoint(setup.model[0], f"{workdir}/init")
         start = _params(setup.unwrapped)
         metrics = _train(setup)
@@ -182,11 +189,15 @@ def test_reference_loss_is_the_token_weighted_mean(reference):
     assert min(ref["grad_norm0"] + ref["grad_norm1"]) > 1.0
 
 
-@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 2, 2)])
-def test_layout_reproduces_reference_trajectory(reference, tp, pp, dp):
+@pytest.mark.parametrize("tp,pp,dp,impl", [
+    (2, 1, 1, "unfused"), (1, 2, 1, "unfused"), (2, 2, 1, "unfused"), (1, 1, 2, "unfused"),
+    (1, 2, 2, "unfused"),
+    # memory.cross_entropy_impl=chunked must reproduce the unfused reference run too.
+    (2, 2, 1, "chunked")])
+def test_layout_reproduces_reference_trajectory(reference, tp, pp, dp, impl):
     workdir, ref = reference
     per_rank = run_distributed(_layout_run, world_size=tp * pp * dp, tp=tp, pp=pp,
-                               args=(str(workdir),), timeout=600)
+                               args=(str(workdir), impl == "chunked"), timeout=600)
     for rank, result in enumerate(per_rank):
         for freeze in (False, True):
             got = result[freeze]
@@ -202,6 +213,51 @@ def test_layout_reproduces_reference_trajectory(reference, tp, pp, dp):
         assert frozen["weak_unchanged"] and not trained["weak_unchanged"]
         assert not frozen["weak_in_optimizer"] and trained["weak_in_optimizer"]
         assert not frozen["weak_in_grad_buffers"] and trained["weak_in_grad_buffers"]
+
+
+def _sft_and_diagnostics_chunked_vs_unfused(workdir):
+    from megatron_wmss.training import causal_attention_mask
+    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+
+    out = {}
+    for tied in (True, False):
+        runs = {}
+        for impl in ("unfused", "chunked"):
+            setup = _setup(False, joint=False, tied=tied,
+                           memory=_chunked() if impl == "chunked" else None)
+            if impl == "unfused":
+                save_model_checkpoint(setup.model[0], f"{workdir}/sft-init-{tied}")
+            else:
+                load_model_checkpoint(setup.model[0], f"{workdir}/sft-init-{tied}")
+            runs[impl] = ([m.loss for m in _train(setup)], _params(setup.unwrapped))
+        (lu, pu), (lc, pc) = runs["unfused"], runs["chunked"]
+        out[f"sft tied={tied}"] = (lu, lc, max(float((pu[k] - pc[k]).abs().max()) for k in pu))
+    # The saturation diagnostics of one forward: chunked logits against the whole logits.
+    tokens, labels = _global_batches()[0]
+    positions = torch.arange(SEQ).expand_as(tokens)
+    stats = {}
+    for impl in ("unfused", "chunked"):
+        joint = _setup(False, memory=_chunked() if impl == "chunked" else None).unwrapped
+        load_model_checkpoint(joint, f"{workdir}/init")
+        joint.record_diagnostics(True)
+        with torch.no_grad():
+            joint(tokens, positions, causal_attention_mask(SEQ, "cpu"), labels=labels)
+        stats[impl] = joint.pop_diagnostics()
+    out["diagnostics"] = stats
+    return out
+
+
+def test_chunked_sft_loss_and_diagnostics_match_the_unfused_ones(reference):
+    workdir, _ = reference
+    for result in run_distributed(_sft_and_diagnostics_chunked_vs_unfused, world_size=2, tp=2,
+                                  args=(str(workdir),), timeout=600):
+        for name in ("sft tied=True", "sft tied=False"):
+            unfused, chunked, param_err = result[name]
+            assert chunked == pytest.approx(unfused, rel=LOSS_RTOL), name
+            assert param_err <= PARAM_MAX_ATOL, name
+        stats = result["diagnostics"]
+        assert set(stats["chunked"]) == set(stats["unfused"]) and len(stats["unfused"]) == 12
+        assert stats["chunked"] == pytest.approx(stats["unfused"], rel=1e-5, abs=1e-6)
 
 
 def _lambda_extremes(workdir):
