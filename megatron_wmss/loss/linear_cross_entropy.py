@@ -4,24 +4,29 @@ Because the output layers are linear (WMSS.md §3),
 
     z_mix = λ·h_s·W_sᵀ + (1−λ)·h_w·W_wᵀ = [λ·h_s ‖ (1−λ)·h_w] · [W_s ‖ W_w]ᵀ,
 
-so the mixed loss is one linear cross-entropy. This module computes it chunk by chunk over the
-tokens: a chunk's logits ``[c, v]`` live only while that chunk is processed.
+so the mixed loss is one linear cross-entropy. This module computes it in tiles: a chunk of
+tokens (``chunk_size``, default 2048) by a block of the vocabulary shard (about 1M logits,
+4 MiB fp32, in all): a tile's logits live only while it is processed, and small tiles stay in
+cache, so the element-wise passes over them cost little next to the matmuls.
 
-Forward, per chunk: both models' logits in their own dtype (as their output layers would
-make them), upcast and mixed in fp32, padded columns masked to −inf, then this shard's
-log-sum-exp and target logit. After all chunks, the shards' log-sum-exps are combined with
-one all-reduce MAX of ``[t + 2]`` (row max plus the shard-size guard) and one all-reduce SUM
-of ``[2, t]``: the same collectives as :func:`~megatron_wmss.loss.mixed_cross_entropy`.
-Saved: the inputs (no copies) and ``[t]`` vectors.
+Forward, per tile: both models' logits (in their own dtype, as their output layers would make
+them; fp32 ones are multiplied straight into the fp32 tile), mixed in fp32, then the running
+maximum and sum of exponentials of this shard's row (the online log-sum-exp) and the target
+logit. Padded vocabulary columns are never computed. After all tiles, the shards'
+log-sum-exps are combined with one all-reduce MAX of ``[t + 2]`` (row max plus the shard-size
+guard) and one all-reduce SUM of ``[2, t]``: the same collectives as
+:func:`~megatron_wmss.loss.mixed_cross_entropy`. Saved: the inputs (no copies) and ``[t]``
+vectors.
 
-Backward, per chunk: the logits again (one more matmul per model than the unfused path, the
+Backward, per tile: the logits again (one more matmul per model than the unfused path, the
 price of never storing them), ``g = (softmax(z_mix) − onehot(y))·dloss``, then
-``dh_s = λ·g·W_s``, ``dW_s += λ·gᵀ·h_s`` and the same with ``1−λ`` for the weak model. ``g`` is
-cast to each model's dtype first, as the unfused path hands its output layer a gradient of the
-logits' dtype. Weight gradients accumulate in fp32 over the chunks. Hidden gradients are
-partial sums over this vocab shard: one all-reduce SUM of ``[t, h_s + h_w]`` over
-``tp_group`` completes them (what megatron's ``ColumnParallelLinear`` does for its input), so
-the hidden states passed in are the replicated (not sequence-parallel) decoder outputs.
+``dh_s += λ·g·W_s[block]`` (a chunk's ``[c, h]`` accumulator) and ``dW_s[block] += λ·gᵀ·h_s``,
+and the same with ``1−λ`` for the weak model. A bf16 model gets ``λ·g`` cast to bf16 first, as
+the unfused path hands its output layer a gradient of the logits' dtype. Accumulation is in
+fp32. Hidden gradients are partial sums over this vocab shard: one all-reduce SUM of
+``[t, h_s + h_w]`` over ``tp_group`` completes them (what megatron's ``ColumnParallelLinear``
+does for its input), so the hidden states passed in are the replicated (not
+sequence-parallel) decoder outputs.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from megatron_wmss.loss.mixed_cross_entropy import _scaled
 from megatron_wmss.loss.vocab_parallel import (
     all_reduce_max_checked,
     all_reduce_sum,
@@ -44,30 +48,69 @@ from megatron_wmss.loss.vocab_parallel import (
     target_in_shard,
 )
 
-__all__ = ["default_chunk_size", "linear_cross_entropy", "linear_mixed_cross_entropy"]
+__all__ = ["default_chunk_size", "linear_cross_entropy", "linear_mixed_cross_entropy",
+           "vocab_block_size"]
 
-_CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk and model: 64 MiB
+_TOKENS_PER_CHUNK = 2048
+_TILE_ELEMENTS = 1 << 20  # fp32 logits per tile: 4 MiB, about what stays in a core's cache
 
 
 def default_chunk_size(local_vocab: int) -> int:
-    """Tokens per chunk: about 16M logits (64 MiB in fp32) of this shard at a time."""
-    return max(16, _CHUNK_ELEMENTS // max(local_vocab, 1))
+    """Tokens per chunk (the tile's rows) when none is given: 2048, whatever the vocabulary
+    (a chunk's logits are made a vocabulary block at a time)."""
+    del local_vocab  # the vocabulary is tiled: the chunk no longer depends on it
+    return _TOKENS_PER_CHUNK
 
 
-def _chunk_logits(hidden, weight, lam, rows, real, local_vocab, dtype):
-    """``Σ λ_i·h_i[rows]·W_iᵀ`` in ``dtype`` (fp32; fp64 for fp64 inputs) of the models that
-    take part, padded columns −inf."""
-    mixed = None
+def vocab_block_size(chunk_tokens: int, local_vocab: int) -> int:
+    """Vocabulary columns per tile: about 1M logits (4 MiB fp32) per tile, at most the shard."""
+    return max(1, min(local_vocab, _TILE_ELEMENTS // max(chunk_tokens, 1)))
+
+
+def _tile_logits(out, hidden, weight, lam, rows, cols):
+    """``out ← Σ λ_i·h_i[rows]·W_i[cols]ᵀ`` (``out`` fp32, or fp64 for fp64 inputs).
+
+    A model whose dtype is ``out``'s is multiplied straight into it (``addmm``: no temporary);
+    a bf16/fp16 one makes its logits in its own dtype, as its output layer would, and they are
+    upcast before scaling. A model at weight 0 is never read (its inputs may be inf or nan)."""
+    first = True
     for h, w, scale in zip(hidden, weight, lam):
         if scale == 0.0:
-            continue  # a model at weight 0 is never read (its logits may be inf or nan)
-        z = torch.matmul(h[rows], w.t()).to(dtype)
-        if scale != 1.0:
-            z.mul_(scale)
-        mixed = z if mixed is None else mixed.add_(z)
-    if real < local_vocab:
-        mixed[:, real:] = -torch.inf
-    return mixed
+            continue
+        if w.dtype == out.dtype:
+            if first:
+                torch.mm(h[rows], w[cols].t(), out=out)
+                if scale != 1.0:
+                    out.mul_(scale)
+            else:
+                out.addmm_(h[rows], w[cols].t(), alpha=scale)
+        else:
+            z = torch.mm(h[rows], w[cols].t())
+            if first:
+                out.copy_(z)
+                if scale != 1.0:
+                    out.mul_(scale)
+            else:
+                out.add_(z, alpha=scale)  # promotes z element-wise: no upcast copy
+        first = False
+    return out
+
+
+def _target_in_block(local_target, in_shard, start, width):
+    """(column of the target inside the block ``[start, start + width)``, clamped into it;
+    whether it lies there)."""
+    column = local_target - start
+    inside = in_shard & (column >= 0) & (column < width)
+    return column.clamp_(0, width - 1).unsqueeze(-1), inside
+
+
+def _tiles(tokens, real, chunk):
+    """(token rows, vocab columns) of every tile: token chunks of ``chunk``, each split into
+    vocab blocks covering the ``real`` columns (padded columns are never computed)."""
+    block = vocab_block_size(chunk, real)
+    for start in range(0, tokens, chunk):
+        rows = slice(start, min(start + chunk, tokens))
+        yield rows, [slice(c, min(c + block, real)) for c in range(0, real, block)]
 
 
 class _LinearMixedCrossEntropy(torch.autograd.Function):
@@ -89,16 +132,31 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
                                                      local_vocab)
         tokens = target_t.numel()
         device = target_t.device
-        lse_t = torch.empty(tokens, dtype=dtype, device=device)
-        target_logit_t = torch.zeros(tokens, dtype=dtype, device=device)
         chunk = chunk_size or default_chunk_size(local_vocab)
-        for start in range(0, tokens, chunk):
-            rows = slice(start, min(start + chunk, tokens))
-            z = _chunk_logits(hidden, weight, lam, rows, real, local_vocab, dtype)
-            lse_t[rows] = torch.logsumexp(z, dim=-1)  # −inf on a shard of padding only
-            picked = z.gather(-1, local_target_t[rows].unsqueeze(-1)).squeeze(-1)
-            target_logit_t[rows] = torch.where(in_shard_t[rows], picked, 0.0)
-            del z
+        # This shard's log-sum-exp (−inf on a shard of padding only) and target logit, built
+        # over the vocab blocks with a running maximum (the online softmax).
+        lse_t = torch.full((tokens,), -torch.inf, dtype=dtype, device=device)
+        target_logit_t = torch.zeros(tokens, dtype=dtype, device=device)
+        tile = torch.empty(min(chunk, tokens) * vocab_block_size(chunk, real), dtype=dtype,
+                           device=device)
+        for rows, blocks in _tiles(tokens, real, chunk):
+            n = rows.stop - rows.start
+            run_max = torch.full((n,), -torch.inf, dtype=dtype, device=device)
+            run_sum = torch.zeros(n, dtype=dtype, device=device)
+            picked = target_logit_t[rows]
+            for cols in blocks:
+                z = _tile_logits(tile[: n * (cols.stop - cols.start)].view(n, -1), hidden,
+                                 weight, lam, rows, cols)
+                column, inside = _target_in_block(local_target_t[rows], in_shard_t[rows],
+                                                  cols.start, cols.stop - cols.start)
+                picked.add_(torch.where(inside, z.gather(-1, column).squeeze(-1), 0.0))
+                new_max = torch.maximum(run_max, z.amax(dim=-1))
+                run_sum.mul_(torch.exp(run_max - new_max))  # exp(−inf) = 0 on the first block
+                run_sum.add_(z.sub_(new_max.unsqueeze(-1)).exp_().sum(dim=-1))
+                run_max = new_max
+            if blocks:
+                lse_t[rows] = run_max + torch.log(run_sum)
+        del tile
         # Combine the shards: lse = M + log Σ_r exp(lse_r − M), M = max_r lse_r.
         max_t, vocab = all_reduce_max_checked(lse_t, local_vocab, tp_group)
         check_target_range(target_t, valid_t, vocab, ignore_index, vocab_size)
@@ -124,38 +182,59 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
         weight = [saved[2] if ctx.present[0] else None, saved[3] if ctx.present[1] else None]
         lse_t, local_target_t, in_shard_t, valid_t = saved[4:]
         lam, tp_group, real, local_vocab, chunk = ctx.setup
-        want_hidden = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-        want_weight = [ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-        grad_loss_t = torch.where(valid_t, grad_loss.reshape(-1).to(lse_t.dtype), 0.0)
+        dtype = lse_t.dtype
+        want_hidden = [ctx.needs_input_grad[0] and hidden[0] is not None,
+                       ctx.needs_input_grad[1] and hidden[1] is not None]
+        want_weight = [ctx.needs_input_grad[2] and weight[0] is not None,
+                       ctx.needs_input_grad[3] and weight[1] is not None]
+        grad_loss_t = torch.where(valid_t, grad_loss.reshape(-1).to(dtype), 0.0)
         tokens = lse_t.numel()
 
-        grad_hidden = [torch.zeros(h.shape, dtype=h.dtype, device=h.device)
-                       if want and h is not None else None
+        # Accumulated in fp32 (fp64 for fp64 inputs): each weight gradient over the token
+        # chunks, each chunk's hidden gradient over the vocab blocks.
+        grad_hidden = [torch.zeros(h.shape, dtype=h.dtype, device=h.device) if want else None
                        for h, want in zip(hidden, want_hidden)]
-        grad_weight = [torch.zeros(w.shape, dtype=lse_t.dtype, device=w.device)
-                       if want and w is not None else None
+        grad_weight = [torch.zeros(w.shape, dtype=dtype, device=w.device) if want else None
                        for w, want in zip(weight, want_weight)]
-        if any(lam[m] != 0.0 and (grad_hidden[m] is not None or grad_weight[m] is not None)
-               for m in range(2)):
-            for start in range(0, tokens, chunk):
-                rows = slice(start, min(start + chunk, tokens))
-                g = _chunk_logits(hidden, weight, lam, rows, real, local_vocab, lse_t.dtype)
+        active = [m for m in range(2) if lam[m] != 0.0 and (want_hidden[m] or want_weight[m])]
+        tile = torch.empty(min(chunk, tokens) * vocab_block_size(chunk, real) if active else 0,
+                           dtype=dtype, device=lse_t.device)
+        for rows, blocks in (_tiles(tokens, real, chunk) if active else ()):
+            n = rows.stop - rows.start
+            dh = {m: torch.zeros(n, hidden[m].shape[-1], dtype=dtype, device=lse_t.device)
+                  for m in active if want_hidden[m]}
+            for cols in blocks:
+                g = _tile_logits(tile[: n * (cols.stop - cols.start)].view(n, -1), hidden,
+                                 weight, lam, rows, cols)
+                # g = (softmax(z_mix) − onehot(y))·dloss on this tile.
                 g.sub_(lse_t[rows].unsqueeze(-1)).exp_().mul_(grad_loss_t[rows].unsqueeze(-1))
-                onehot = torch.where(in_shard_t[rows], grad_loss_t[rows], 0.0)
-                g.scatter_add_(-1, local_target_t[rows].unsqueeze(-1), -onehot.unsqueeze(-1))
-                active = [m for m in range(2) if lam[m] != 0.0
-                          and (grad_hidden[m] is not None or grad_weight[m] is not None)]
+                column, inside = _target_in_block(local_target_t[rows], in_shard_t[rows],
+                                                  cols.start, cols.stop - cols.start)
+                g.scatter_add_(-1, column,
+                               torch.where(inside, -grad_loss_t[rows], 0.0).unsqueeze(-1))
                 for m in active:
-                    g_m = _scaled(g, lam[m], weight[m].dtype, in_place=m == active[-1])
-                    if grad_hidden[m] is not None:
-                        grad_hidden[m][rows] = torch.matmul(g_m, weight[m])
-                    if grad_weight[m] is not None:
-                        grad_weight[m].add_(torch.matmul(g_m.t(), hidden[m][rows]))
-                del g
+                    h, w = hidden[m][rows], weight[m][cols]
+                    if w.dtype == dtype:  # dh += λ·g·W, dW += λ·gᵀ·h: straight into fp32
+                        if m in dh:
+                            dh[m].addmm_(g, w, alpha=lam[m])
+                        if want_weight[m]:
+                            grad_weight[m][cols].addmm_(g.t(), h, alpha=lam[m])
+                        continue
+                    # The output layer of a bf16 model gets λ·g in bf16, as in the unfused
+                    # path; its products are summed in fp32.
+                    g_m = torch.mul(g, lam[m], out=torch.empty(g.shape, dtype=w.dtype,
+                                                               device=g.device))
+                    if m in dh:
+                        dh[m].add_(torch.mm(g_m, w))
+                    if want_weight[m]:
+                        grad_weight[m][cols].add_(torch.mm(g_m.t(), h))
+            for m, part in dh.items():
+                grad_hidden[m][rows] = part
+        del tile
         _, size = shard_rank_and_size(tp_group)
         partial = [x for x in grad_hidden if x is not None]
         if size > 1 and partial:  # the other shards' share of dL/dh (one fused collective)
-            flat = torch.cat([x.to(lse_t.dtype) for x in partial], dim=-1)
+            flat = torch.cat([x.to(dtype) for x in partial], dim=-1)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
             for x, part in zip(partial, flat.split([x.shape[-1] for x in partial], dim=-1)):
                 x.copy_(part)
@@ -221,8 +300,9 @@ def linear_mixed_cross_entropy(
             At λ = 1 the weak pair is not read and may be None; at λ = 0 the strong pair.
         target, mix_lambda, tp_group, ignore_index, vocab_size: as in
             :func:`~megatron_wmss.loss.mixed_cross_entropy`.
-        chunk_size: tokens per chunk (default: :func:`default_chunk_size`). Peak extra memory
-            is a few ``[chunk_size, v]`` fp32 tensors.
+        chunk_size: tokens per chunk (default: :func:`default_chunk_size`, 2048). Peak extra
+            memory: one tile of about 1M fp32 logits, ``[chunk_size, h]`` fp32 hidden-gradient
+            accumulators and fp32 weight gradients.
 
     Returns:
         ``[...]`` fp32 per-token loss, 0 at ignored positions. Gradients reach all four tensors

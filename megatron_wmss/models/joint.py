@@ -26,7 +26,6 @@ from megatron_wmss.loss import (
     mixed_cross_entropy,
     mixed_logit_diagnostics,
 )
-from megatron_wmss.loss.linear_cross_entropy import default_chunk_size
 from megatron_wmss.loss.vocab_parallel import check_mix_lambda
 
 __all__ = ["DIAGNOSTIC_FIELDS", "JointGPTModel", "finalize_joint_model_grads"]
@@ -34,6 +33,7 @@ __all__ = ["DIAGNOSTIC_FIELDS", "JointGPTModel", "finalize_joint_model_grads"]
 #: Saturation statistics reported per distribution (strong, weak, mixed), token means.
 DIAGNOSTIC_FIELDS = ("entropy", "target_prob", "margin", "logit_std")
 _DISTRIBUTIONS = ("strong", "weak", "mixed")
+_DIAGNOSTIC_LOGITS = 1 << 24  # fp32 logits per chunk of the chunked diagnostics: 64 MiB
 
 
 class JointGPTModel(MegatronModule):
@@ -121,11 +121,13 @@ class JointGPTModel(MegatronModule):
         self.weak.set_cross_entropy(impl, chunk_tokens)
 
     def _accumulate_chunked_diagnostics(self, hidden_s, hidden_w, labels_t) -> None:
-        """The diagnostics of the chunked path: logits made a chunk of tokens at a time."""
+        """The diagnostics of the chunked path: whole-vocabulary logits made a chunk of tokens
+        at a time (at most the loss's chunk, and about 16M logits of the shard)."""
         weight_s, weight_w = self.strong.output_weight(), self.weak.output_weight()
         hidden_s = hidden_s.detach().reshape(-1, hidden_s.shape[-1])
         hidden_w = hidden_w.detach().reshape(-1, hidden_w.shape[-1])
-        chunk = self.strong.cross_entropy_chunk or default_chunk_size(weight_s.shape[0])
+        chunk = max(1, _DIAGNOSTIC_LOGITS // weight_s.shape[0])
+        chunk = min(chunk, self.strong.cross_entropy_chunk or chunk)
         with torch.no_grad():
             for start in range(0, labels_t.numel(), chunk):
                 rows = slice(start, start + chunk)

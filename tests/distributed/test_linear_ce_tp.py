@@ -2,8 +2,8 @@
 naive full-vocabulary fp64 implementation and against the unfused vocab-parallel loss.
 
 Each rank builds the same hidden states and full output weights, keeps its vocab shard of the
-weights, and runs the chunked loss over megatron's tensor-parallel group with a chunk size
-that leaves a remainder. Hidden gradients are complete (summed over the group); weight
+weights, and runs the chunked loss over megatron's tensor-parallel group with tiles (a chunk
+of tokens by a block of columns) that leave a remainder both ways. Hidden gradients are complete (summed over the group); weight
 gradients are this rank's shard.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from megatron_wmss.testing import run_distributed
 
-H_S, H_W, VOCAB, REAL_VOCAB, TOKENS, CHUNK = 24, 16, 256, 230, (3, 7), 5
+H_S, H_W, VOCAB, REAL_VOCAB, TOKENS, CHUNK, BLOCK = 24, 16, 256, 230, (3, 7), 5, 37
 # fp32 against fp64: summation order only. bf16 against the unfused loss: both round the
 # logits and their gradient to bf16 at the same points; the weight gradients differ by the
 # order of bf16 partial products (chunks), a few bf16 ulps of the largest entry.
@@ -55,9 +55,18 @@ def _excess(got, want, atol, rtol=0.0):
 def _check():
     from megatron.core import parallel_state as ps
 
+    import importlib
+
     from megatron_wmss.loss import mixed_cross_entropy
     from megatron_wmss.loss.linear_cross_entropy import (linear_cross_entropy,
                                                          linear_mixed_cross_entropy)
+
+    # Tiles of CHUNK tokens x 37 columns: several vocab blocks per shard, the last one partial
+    # (the online log-sum-exp and the per-block target lookup), padded columns in their own
+    # blocks at TP=2 (rank 1 holds 102 real columns of 128).
+    module = importlib.import_module("megatron_wmss.loss.linear_cross_entropy")
+    module._TILE_ELEMENTS = CHUNK * BLOCK
+    assert module.vocab_block_size(CHUNK, 230) == BLOCK
 
     group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
     tp = ps.get_tensor_model_parallel_world_size()

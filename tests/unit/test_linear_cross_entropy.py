@@ -11,39 +11,47 @@ from megatron_wmss.loss.linear_cross_entropy import (
     default_chunk_size,
     linear_cross_entropy,
     linear_mixed_cross_entropy,
+    vocab_block_size,
 )
 
 
-class _LargestLogitsLike(TorchDispatchMode):
-    """Records, for every tensor an op returns, the leading size of those whose last dimension
-    is the vocabulary (the logits and anything shaped like them)."""
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns, leaving out those
+    shaped like the weights (their gradients)."""
 
-    def __init__(self, vocab):
+    def __init__(self, weight_shapes):
         super().__init__()
-        self.vocab, self.rows = vocab, 0
+        self.weight_shapes, self.largest = set(weight_shapes), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab:
-                self.rows = max(self.rows, t.numel() // self.vocab)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.weight_shapes:
+                self.largest = max(self.largest, t.numel())
         return out
 
 
 def test_no_tensor_of_all_tokens_by_the_vocabulary_is_made():
-    tokens, vocab, chunk = 160, 1000, 32  # chunk >= the hidden sizes: W.t() is [h, V]
+    tokens, vocab, chunk = 160, 1000, 32
     gen = torch.Generator().manual_seed(0)
     hs, hw = (torch.randn(tokens, h, generator=gen, requires_grad=True) for h in (24, 8))
     ws, ww = (torch.randn(vocab, h, generator=gen, requires_grad=True) for h in (24, 8))
     target = torch.randint(0, vocab, (tokens,), generator=gen)
-    with _LargestLogitsLike(vocab) as seen:
+    shapes = [(vocab, 24), (vocab, 8)]
+    with _LargestOutput(shapes) as seen:
         loss = linear_mixed_cross_entropy(hs, hw, ws, ww, target, 0.5, chunk_size=chunk)
         loss.sum().backward()
-    assert 0 < seen.rows <= chunk, seen.rows
+    assert 0 < seen.largest <= chunk * vocab < tokens * vocab, seen.largest
     # The unfused path, for contrast: the mode sees its [T, V] logits.
-    with _LargestLogitsLike(vocab) as seen:
+    with _LargestOutput(shapes) as seen:
         (hs @ ws.T).sum()
-    assert seen.rows == tokens
+    assert seen.largest == tokens * vocab
+
+
+def test_tiles_cover_about_a_million_logits():
+    assert default_chunk_size(151936) == 2048
+    assert vocab_block_size(2048, 151936) == 512 and vocab_block_size(2048, 100) == 100
+    assert vocab_block_size(10 ** 7, 151936) == 1
 
 
 def test_gradcheck_fp64():
@@ -57,11 +65,6 @@ def test_gradcheck_fp64():
         return linear_mixed_cross_entropy(*xs, target, 0.3, vocab_size=9, chunk_size=3)
 
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6)
-
-
-def test_default_chunk_keeps_about_16m_logits():
-    assert default_chunk_size(151936) == 110 and default_chunk_size(75968) == 220
-    assert default_chunk_size(10 ** 9) == 16
 
 
 def test_bad_inputs_name_the_problem():
