@@ -23,7 +23,8 @@ from megatron_wmss.data.tokenization import TokenizedSFT
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "SFTDataset", "build_sft_loader", "collate_sft"]
+__all__ = ["IGNORE_INDEX", "SFTDataset", "build_sft_loader", "collate_sft", "epoch_items",
+           "loader_rows", "packs_for"]
 
 #: Label of positions without a target (PyTorch's cross-entropy ignore_index).
 IGNORE_INDEX = -100
@@ -85,6 +86,34 @@ def collate_sft(samples: Sequence[Mapping[str, Any]], *, pad_id: int,
     }
 
 
+def loader_rows(data: TokenizedSFT, config: DataConfig) -> int | np.ndarray:
+    """What the sampler visits once per epoch: the kept rows (their count) or, with
+    ``config.active_set``, the rows it lists, each as often as listed."""
+    if config.active_set is None:
+        return len(data)
+    return data.rows_for_idx(read_active_set(config.active_set), config.active_set)
+
+
+def packs_for(data: TokenizedSFT, config: DataConfig) -> list[np.ndarray]:
+    """With ``config.pack_sequences``: the packs (dataset rows per packed row) of
+    :func:`loader_rows`, each at most ``config.row_length`` tokens."""
+    from megatron_wmss.data.packing import pack_by_length
+
+    rows = loader_rows(data, config)
+    rows = np.arange(rows, dtype=np.int64) if isinstance(rows, int) else rows
+    lengths = np.asarray(data.dataset.data.column("num_tokens").to_numpy(),
+                         dtype=np.int64)[rows]
+    return [rows[pack] for pack in pack_by_length(lengths, config.row_length)]
+
+
+def epoch_items(data: TokenizedSFT, config: DataConfig) -> int:
+    """Items (samples, or packed rows with ``pack_sequences``) in one epoch before cutting."""
+    if config.pack_sequences:
+        return len(packs_for(data, config))
+    rows = loader_rows(data, config)
+    return rows if isinstance(rows, int) else len(rows)
+
+
 def build_sft_loader(data: TokenizedSFT, config: DataConfig, *, pad_id: int, dp_rank: int,
                      dp_size: int, consumed_samples: int = 0, num_epochs: int | None = 1,
                      drop_last: bool = True, num_workers: int = 0,
@@ -92,21 +121,29 @@ def build_sft_loader(data: TokenizedSFT, config: DataConfig, *, pad_id: int, dp_
     """Micro-batches of this data-parallel rank, resumed after ``consumed_samples`` (global).
 
     Visits every kept sample once per epoch, or, when ``config.active_set`` names a file, the
-    samples it lists, each as often as it is listed. ``epoch_multiple``: see
-    :class:`DistributedEpochSampler` (the trainer drops the part of an epoch that does not
-    fill a global batch).
+    samples it lists, each as often as it is listed. With ``config.pack_sequences`` the items
+    are packed rows (:mod:`megatron_wmss.data.packing`): ``micro_batch_size`` and
+    ``consumed_samples`` count rows. ``epoch_multiple``: see :class:`DistributedEpochSampler`
+    (the trainer drops the part of an epoch that does not fill a global batch).
     """
     import torch
 
-    rows: int | np.ndarray = len(data)
-    if config.active_set is not None:
-        rows = data.rows_for_idx(read_active_set(config.active_set), config.active_set)
+    if config.pack_sequences:
+        from megatron_wmss.data.packing import PackedSFTDataset, collate_packed
+
+        packs = packs_for(data, config)
+        items: int | np.ndarray = len(packs)
+        dataset = PackedSFTDataset(SFTDataset(data), packs)
+        collate = functools.partial(collate_packed, pad_id=pad_id, length=config.row_length)
+    else:
+        items = loader_rows(data, config)
+        dataset = SFTDataset(data)
+        collate = functools.partial(collate_sft, pad_id=pad_id,
+                                    pad_to_multiple_of=config.pad_to_multiple_of,
+                                    pad_to_length=config.padded_length)
     sampler = DistributedEpochSampler(
-        rows, micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        items, micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=config.seed, consumed_samples=consumed_samples, shuffle=config.shuffle,
         drop_last=drop_last, num_epochs=num_epochs, epoch_multiple=epoch_multiple)
-    collate = functools.partial(collate_sft, pad_id=pad_id,
-                                pad_to_multiple_of=config.pad_to_multiple_of,
-                                pad_to_length=config.padded_length)
-    return torch.utils.data.DataLoader(SFTDataset(data), batch_sampler=sampler,
-                                       collate_fn=collate, num_workers=num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers)

@@ -110,7 +110,9 @@ class DataConfig:
     active_set: str | None = None
     """JSON/JSONL file of sample idx, duplicates allowed (the curriculum's D_active); null: all."""
     pack_sequences: bool = False
-    """Pack several samples per row (needs TE's THD attention on GPU); not implemented yet."""
+    """Pack several samples per row of ``max_length`` (rounded up to pad_to_multiple_of)
+    tokens, attention confined to each sample, positions restarting per sample; then
+    micro_batch_size and the global batch count packed rows, not samples."""
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -136,15 +138,16 @@ class DataConfig:
         _check_bool("data.pad_to_max_length", self.pad_to_max_length)
         _check_optional_str("data.active_set", self.active_set)
         _check_bool("data.pack_sequences", self.pack_sequences)
-        if self.pack_sequences:
-            raise NotImplementedError(
-                "data.pack_sequences = true is not implemented: packing needs Transformer "
-                "Engine's THD attention (cu_seqlens) on GPU; use pack_sequences = false, which "
-                "pads each micro-batch to its longest sample")
+
+    @property
+    def row_length(self) -> int:
+        """``max_length`` rounded up to ``pad_to_multiple_of``: the longest row, tokens."""
+        return -(-self.max_length // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
     @property
     def padded_length(self) -> int | None:
-        """Fixed row length when ``pad_to_max_length``, else None (pad to the longest), tokens."""
-        if not self.pad_to_max_length:
+        """Fixed row length when ``pad_to_max_length`` or ``pack_sequences``, else None (pad to
+        the longest sample of each micro-batch), tokens."""
+        if not (self.pad_to_max_length or self.pack_sequences):
             return None
-        return -(-self.max_length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return self.row_length

@@ -171,6 +171,7 @@ def build_gpt_model(
     )
     # megatron's schedules read ``model_type`` from the model (Megatron-LM's get_model sets it).
     model.model_type = ModelType.encoder_or_decoder
+    model.uses_te = te
     if cuda_available():
         model.cuda(torch.cuda.current_device())
     return model

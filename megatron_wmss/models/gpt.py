@@ -8,10 +8,17 @@ state-dict keys and checkpoints as ``GPTModel``.
 Padded rows of the embedding and output layer start at zero (an imported model's are zero
 too) and stay zero: their logits are outside the softmax, so their gradient is exactly zero,
 no real token looks them up, and weight decay keeps a zero at zero.
+
+Packed rows (:mod:`megatron_wmss.data.packing`) under the local layer spec: ``forward`` and
+``final_hidden_states`` take ``rope_positions=True`` to rotate each token by its own
+``position_ids`` (positions restart per sample) instead of by its place in the row; the
+attention mask confines each sample to itself. Transformer Engine restarts positions from the
+packed-sequence parameters (THD) itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -36,7 +43,33 @@ class WMSSGPTModel(GPTModel):
         self.real_vocab_size = real_vocab_size
         self.ignore_index = ignore_index
         self.cross_entropy_impl, self.cross_entropy_chunk = "unfused", None
+        self.uses_te = False  # set by the builder: Transformer Engine layers (THD packing)
+        self._rope_position_ids = None  # [b, s] while a packed forward runs
+        if self.position_embedding_type == "rope":
+            self.rotary_pos_emb.register_forward_hook(self._rope_at_positions)
         self._zero_padded_vocab_rows()
+
+    def _rope_at_positions(self, module, args, emb):
+        """Forward hook of the rotary embedding: ``[s, 1, 1, d]`` angles for positions
+        ``0..s-1`` become ``[s, b, 1, d]`` angles at each token's ``position_ids``."""
+        positions = self._rope_position_ids
+        if positions is None or isinstance(emb, tuple):
+            return emb
+        return emb[:, 0, 0, :][positions.t().to(emb.device)].unsqueeze(2)
+
+    @contextlib.contextmanager
+    def _positions(self, position_ids, rope_positions: bool):
+        if not rope_positions:
+            yield
+            return
+        if self.uses_te:
+            raise ValueError("rope_positions is the local spec's packing; with Transformer "
+                             "Engine pass packed_seq_params (THD) instead")
+        self._rope_position_ids = position_ids
+        try:
+            yield
+        finally:
+            self._rope_position_ids = None
 
     def set_cross_entropy(self, impl: str, chunk_tokens: Optional[int] = None) -> None:
         """Choose how the loss is computed: ``unfused`` (the output layer makes the logits,
@@ -57,21 +90,26 @@ class WMSSGPTModel(GPTModel):
             return self.shared_embedding_or_output_weight()
         return self.output_layer.weight
 
-    def final_hidden_states(self, input_ids, position_ids, attention_mask, **kwargs):
+    def final_hidden_states(self, input_ids, position_ids, attention_mask, *,
+                            rope_positions: bool = False, **kwargs):
         """The last stage's ``[s, b, h]`` hidden states after the final norm: ``forward``
         without the output layer."""
         post_process, self.post_process = self.post_process, False  # read by _postprocess
         try:
-            return super().forward(input_ids, position_ids, attention_mask, **kwargs)
+            with self._positions(position_ids, rope_positions):
+                return super().forward(input_ids, position_ids, attention_mask, **kwargs)
         finally:
             self.post_process = post_process
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
-                **kwargs):
+                *, rope_positions: bool = False, **kwargs):
+        """megatron's forward; ``rope_positions``: rotate by ``position_ids`` (packed rows)."""
         if labels is None or not self.post_process or self.cross_entropy_impl == "unfused":
-            return super().forward(input_ids, position_ids, attention_mask, decoder_input,
-                                   labels, **kwargs)
+            with self._positions(position_ids, rope_positions):
+                return super().forward(input_ids, position_ids, attention_mask, decoder_input,
+                                       labels, **kwargs)
         hidden_sbh = self.final_hidden_states(input_ids, position_ids, attention_mask,
+                                              rope_positions=rope_positions,
                                               decoder_input=decoder_input, **kwargs)
         loss_sb = linear_cross_entropy(hidden_sbh, self.output_weight(), labels.transpose(0, 1),
                                        tp_group=self.pg_collection.tp,

@@ -66,6 +66,7 @@ class JointGPTModel(MegatronModule):
         self.strong_hidden_size = strong.config.hidden_size
         self.pre_process, self.post_process = strong.pre_process, strong.post_process
         self.model_type = strong.model_type
+        self.uses_te = getattr(strong, "uses_te", False)
         # Tied embeddings are reduced across stages by finalize_joint_model_grads for both
         # models; megatron's own reduction looks for a single shared weight and must skip us.
         self.share_embeddings_and_output_weights = False
@@ -159,13 +160,14 @@ class JointGPTModel(MegatronModule):
     def _weak_context(self):
         return torch.no_grad() if self.freeze_weak else contextlib.nullcontext()
 
-    def forward(self, input_ids, position_ids, attention_mask, labels=None):
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
+        """``kwargs`` (``rope_positions``, ``packed_seq_params``) reach both models."""
         if labels is not None and self.post_process and \
                 self.strong.cross_entropy_impl == "chunked":
-            return self._chunked_loss(input_ids, position_ids, attention_mask, labels)
-        strong_out = self.strong(input_ids, position_ids, attention_mask)
+            return self._chunked_loss(input_ids, position_ids, attention_mask, labels, **kwargs)
+        strong_out = self.strong(input_ids, position_ids, attention_mask, **kwargs)
         with self._weak_context():
-            weak_out = self.weak(input_ids, position_ids, attention_mask)
+            weak_out = self.weak(input_ids, position_ids, attention_mask, **kwargs)
         if not self.post_process:
             return torch.cat([strong_out, weak_out], dim=-1)
         if labels is None:
@@ -175,10 +177,12 @@ class JointGPTModel(MegatronModule):
         return mixed_cross_entropy(strong_out, weak_out, labels, self.mix_lambda,
                                    tp_group=self.tp_group, vocab_size=self.real_vocab_size)
 
-    def _chunked_loss(self, input_ids, position_ids, attention_mask, labels):
-        hidden_s = self.strong.final_hidden_states(input_ids, position_ids, attention_mask)
+    def _chunked_loss(self, input_ids, position_ids, attention_mask, labels, **kwargs):
+        hidden_s = self.strong.final_hidden_states(input_ids, position_ids, attention_mask,
+                                                   **kwargs)
         with self._weak_context():
-            hidden_w = self.weak.final_hidden_states(input_ids, position_ids, attention_mask)
+            hidden_w = self.weak.final_hidden_states(input_ids, position_ids, attention_mask,
+                                                     **kwargs)
         labels_sb = labels.transpose(0, 1)  # hidden states are [s, b, h]
         if self._diagnostics_on:
             self._accumulate_chunked_diagnostics(hidden_s, hidden_w, labels_sb.reshape(-1))

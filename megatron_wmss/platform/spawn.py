@@ -299,7 +299,7 @@ def _failure_report(fn, first: RankFailure, results, grace: float = 2.0
     (often only because their peer went away), so the root cause reads first; and the
     failures in that order."""
     failures = [first]
-    report = [f"{fn.__name__} failed on rank {first.rank}:\n{first.traceback}"]
+    report = [f"{getattr(fn, '__name__', fn)} failed on rank {first.rank}:\n{first.traceback}"]
     deadline = time.monotonic() + grace
     while (remaining := deadline - time.monotonic()) > 0:
         try:

@@ -215,9 +215,11 @@ def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Option
     except ValueError as err:
         raise RecipeError(str(err)) from None
     _check_files(recipe)
-    if recipe.parallel.pipeline_model_parallel_size > 1 and not recipe.data.pad_to_max_length:
+    if recipe.parallel.pipeline_model_parallel_size > 1 and not (
+            recipe.data.pad_to_max_length or recipe.data.pack_sequences):
         raise RecipeError("parallel.pipeline_model_parallel_size > 1 needs data.pad_to_max_length"
-                          "=true (pipeline stages exchange fixed-shape activations)")
+                          "=true or data.pack_sequences=true (pipeline stages exchange "
+                          "fixed-shape activations)")
     return recipe
 
 

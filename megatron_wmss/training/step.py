@@ -8,6 +8,11 @@ their token counts (megatron's ``calculate_per_token_loss``), not averaged per m
 Without pipeline parallelism each micro-batch may have its own length; with it, every
 micro-batch of the run must have the one ``seq_length`` the stages exchange.
 
+Packed micro-batches (they carry ``segment_ids`` and ``position_ids``,
+:mod:`megatron_wmss.data.packing`) run with a block-diagonal causal mask and RoPE at each
+token's own position under the local spec, and with packed-sequence parameters (THD, one row
+per micro-batch, as in NeMo) under Transformer Engine.
+
 A step whose loss or gradient norm is not finite is skipped: no update, no scheduler step,
 the weights stay as they were (``StepMetrics.skipped``); the trainer counts them. ``setup.step``
 counts iterations, skipped or not (the λ schedule follows it; the LR schedule counts updates).
@@ -78,7 +83,8 @@ def batch_to_device(batch: dict, device) -> dict:
 
 
 def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
-    batch = batch_to_device(next(data_iterator), default_device())
+    host_batch = next(data_iterator)
+    batch = batch_to_device(host_batch, default_device())
     tokens, labels = batch["tokens"], batch["labels"]
     length = tokens.shape[1]
     if tokens.shape != labels.shape or (seq_length is not None and length != seq_length):
@@ -88,13 +94,37 @@ def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
-    mask = causal_attention_mask(length, tokens.device)
+    packed = {}
+    if "segment_ids" in batch:
+        mask, packed = _packed_inputs(model, host_batch["segment_ids"], tokens.device)
+    else:
+        mask = causal_attention_mask(length, tokens.device)
     loss_mask = labels != IGNORE_INDEX
     real = batch.get("attention_mask")
     real_tokens = (real.sum() if real is not None else torch.tensor(tokens.numel())).to(
         device=tokens.device, dtype=torch.float32)
-    output = model(tokens, position_ids, mask, labels=labels)
+    output = model(tokens, position_ids, mask, labels=labels, **packed)
     return output, partial(_loss_func, loss_mask, real_tokens)
+
+
+def _packed_inputs(model, segment_ids: torch.Tensor,
+                   device) -> tuple[Optional[torch.Tensor], dict]:
+    """(attention mask, model kwargs) for packed rows; ``segment_ids`` as the loader gave them
+    (on the host: THD's sequence lengths are read there, without a device sync)."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from megatron_wmss.data.packing import packed_attention_mask, packed_seq_params
+
+    if get_attr_wrapped_model(model, "uses_te"):
+        if segment_ids.shape[0] != 1:
+            raise ValueError(f"packed micro-batches under Transformer Engine hold one row "
+                             f"(THD), got {segment_ids.shape[0]}; set micro_batch_size: 1")
+        return None, {"packed_seq_params": packed_seq_params(segment_ids, device=device)}
+    if get_attr_wrapped_model(model, "config").masked_softmax_fusion:
+        raise ValueError("packed rows need the attention mask, which the fused causal softmax "
+                         "kernel ignores; use the Transformer Engine spec or "
+                         "masked_softmax_fusion=False")
+    return packed_attention_mask(segment_ids.to(device)), {"rope_positions": True}
 
 
 def _global_sums(reports) -> tuple[float, int, int]:

@@ -262,12 +262,9 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n_micro = recipe.num_microbatches(dp)
-    rows = len(data)
-    if data_cfg.active_set is not None:
-        from megatron_wmss.data import read_active_set
+    from megatron_wmss.data.collate import epoch_items
 
-        rows = len(data.rows_for_idx(read_active_set(data_cfg.active_set), data_cfg.active_set))
-    total = recipe.total_steps(rows)
+    total = recipe.total_steps(epoch_items(data, data_cfg))  # samples, or packed rows
     resume = find_resume_checkpoint(checkpoints)
     key = _resume_key(recipe, total)
     if resume is not None:

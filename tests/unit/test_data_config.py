@@ -36,9 +36,10 @@ def test_bad_field_is_named_with_allowed_values(field, value, allowed):
         DataConfig(**kwargs)
 
 
-def test_packing_is_a_documented_not_implemented_path():
-    with pytest.raises(NotImplementedError, match="pack_sequences.*Transformer Engine"):
-        DataConfig(paths=["a"], pack_sequences=True)
+def test_packing_fixes_the_row_length():
+    config = DataConfig(paths=["a"], pack_sequences=True, max_length=100, pad_to_multiple_of=8)
+    assert config.padded_length == config.row_length == 104
+    assert DataConfig(paths=["a"], max_length=100).padded_length is None
 
 
 def test_tokenizer_config_validation():
