@@ -3,6 +3,12 @@
 Shape legend: ``t`` tokens (all leading dims flattened), ``v`` the local vocab shard
 (``V / tp``), ``V`` the global (padded) vocabulary. Every tensor-parallel rank holds the same
 tokens and the same slice ``[rank * v, (rank + 1) * v)`` of both models' vocabularies.
+
+Host synchronisation: on an accelerator (:func:`host_sync_costs`) the input checks never read a
+device value on the host: the target range is asserted asynchronously (the error surfaces at a
+later synchronisation; the training step checks its labels on the host side of the data before
+they reach the device), and the shard sizes are checked once per process group and shard size.
+On the CPU, where reading a value costs nothing, both checks run in full on every call.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ __all__ = [
     "check_logits",
     "check_target_range",
     "check_vocab_size",
+    "host_sync_costs",
     "mixed_logits_fp32",
     "real_columns_in_shard",
     "shard_rank_and_size",
@@ -27,8 +34,19 @@ __all__ = [
 ]
 
 
+def host_sync_costs(tensor: torch.Tensor) -> bool:
+    """Whether reading one of ``tensor``'s values on the host stalls a device queue (CUDA and
+    other accelerators, not the CPU): then the checks here stay asynchronous."""
+    return tensor.device.type != "cpu"
+
+
+# (process group, its ranks, local vocab) whose equal shard sizes a collective has confirmed.
+_CHECKED_SHARDS: set[tuple[int, tuple[int, ...], int]] = set()
+
+
 def check_mix_lambda(mix_lambda) -> float:
-    """``mix_lambda`` as a float in [0, 1] (the strong model's weight), else ValueError."""
+    """``mix_lambda`` as a float in [0, 1] (the strong model's weight), else ValueError.
+    Pass a Python float: a device tensor is read on the host (a synchronisation)."""
     if isinstance(mix_lambda, torch.Tensor):
         if mix_lambda.numel() != 1:
             raise ValueError(f"mix_lambda must be a scalar, got a tensor of shape "
@@ -86,10 +104,17 @@ def all_reduce_max_checked(
 
     The local shard size rides along in the same collective as ``[v, -v]``: after a MAX they
     read ``[max v, -min v]``, so unequal shards are caught without a collective of their own.
+    On an accelerator that read is a host sync, so it happens only on the first call for a
+    given group and shard size; later calls reduce ``row_max`` alone.
     """
     _, size = shard_rank_and_size(tp_group)
     if size == 1:
         return row_max, local_vocab
+    key = (id(tp_group), tuple(dist.get_process_group_ranks(tp_group)), local_vocab)
+    if host_sync_costs(row_max) and key in _CHECKED_SHARDS:
+        reduced = row_max.clone()  # callers keep their local maxima
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=tp_group)
+        return reduced, local_vocab * size
     flat = row_max.reshape(-1)
     guard = torch.tensor([local_vocab, -local_vocab], dtype=flat.dtype, device=flat.device)
     packed = torch.cat([flat, guard])
@@ -101,6 +126,7 @@ def all_reduce_max_checked(
             f"{largest}; this rank has {local_vocab}): strong and weak logits must be split into "
             "equal shards of one padded vocabulary on every rank"
         )
+    _CHECKED_SHARDS.add(key)
     return packed[:-2].view_as(row_max), local_vocab * size
 
 
@@ -127,12 +153,18 @@ def check_target_range(
     vocab_size: Optional[int] = None,
 ) -> None:
     """``vocab_size`` fits the padded vocabulary and every supervised target id lies in
-    ``[0, vocab_size)`` (default: the padded size). One host sync (the ``.any()``)."""
+    ``[0, vocab_size)`` (default: the padded size). On the CPU a ValueError names the first bad
+    id; on an accelerator the check is an asynchronous device assert (no host sync)."""
     if vocab_size is not None and vocab_size > padded_vocab:
         raise ValueError(f"vocab_size={vocab_size} exceeds the {padded_vocab} columns the "
                          "logits hold over all tensor-parallel ranks")
     vocab = padded_vocab if vocab_size is None else vocab_size
     bad_t = valid_t & ((target_t < 0) | (target_t >= vocab))
+    if host_sync_costs(target_t):
+        torch._assert_async(~bad_t.any(), f"target holds a token id outside [0, {vocab}); use "
+                                          f"ignore_index={ignore_index} for positions without "
+                                          "loss")
+        return
     if bool(bad_t.any()):
         example = int(target_t[bad_t][0].item())
         what = "the padded vocabulary" if vocab_size is None else "the real vocabulary"

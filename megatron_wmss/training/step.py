@@ -84,6 +84,7 @@ def batch_to_device(batch: dict, device) -> dict:
 
 def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
     host_batch = next(data_iterator)
+    _check_labels_on_host(model, host_batch["labels"])
     batch = batch_to_device(host_batch, default_device())
     tokens, labels = batch["tokens"], batch["labels"]
     length = tokens.shape[1]
@@ -105,6 +106,22 @@ def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
         device=tokens.device, dtype=torch.float32)
     output = model(tokens, position_ids, mask, labels=labels, **packed)
     return output, partial(_loss_func, loss_mask, real_tokens)
+
+
+def _check_labels_on_host(model, labels) -> None:
+    """Every target id inside the model's real vocabulary, read where the loader made the
+    labels (the CPU): the loss on an accelerator only asserts it asynchronously."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    vocab = get_attr_wrapped_model(model, "real_vocab_size")
+    if vocab is None or not isinstance(labels, torch.Tensor) or labels.device.type != "cpu":
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"micro-batch labels[{row}, {col}] = {int(labels[row, col])} lies "
+                         f"outside the model's vocabulary [0, {vocab}); positions without a "
+                         f"target take {IGNORE_INDEX}")
 
 
 def _packed_inputs(model, segment_ids: torch.Tensor,
