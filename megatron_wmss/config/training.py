@@ -124,15 +124,19 @@ class MemoryConfig:
     with CUDA."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (every layer)."""
-    cross_entropy_impl: str = "unfused"
+    cross_entropy_impl: Optional[str] = None
     """How SFT's and the joint run's loss meet the output layer: unfused (the output layer
     makes the [s, b, v] logits, then the loss) | chunked (the loss straight from the final
-    hidden states and output weights, a chunk of tokens at a time: no logits tensor)."""
+    hidden states and output weights, a tile of tokens × vocab at a time: no logits tensor);
+    null: chunked, measured faster and ~1/80 the loss memory (README, bench/run.py), except
+    with sequence parallelism, which it does not support (then unfused)."""
     cross_entropy_chunk_tokens: Optional[int] = None
-    """Tokens per chunk of the chunked loss; null: about 16M logits of the vocab shard."""
+    """Tokens per chunk of the chunked loss; null: 2048 (each chunk's logits are then made
+    in vocab blocks of ~1M logits, a 4 MiB fp32 tile)."""
 
     def __post_init__(self) -> None:
-        if self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
+        if self.cross_entropy_impl is not None and \
+                self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
             raise ValueError(f"memory.cross_entropy_impl must be one of "
                              f"{list(CROSS_ENTROPY_IMPLS)}, got {self.cross_entropy_impl!r}")
         chunk = self.cross_entropy_chunk_tokens
@@ -149,16 +153,22 @@ class MemoryConfig:
             raise ValueError(f"memory.recompute must be one of {list(RECOMPUTE)}, got "
                              f"{self.recompute!r}")
 
-    def resolved(self, cuda: bool) -> "MemoryConfig":
-        """A copy with every null (auto) setting decided for this machine."""
+    def resolved(self, cuda: bool, sequence_parallel: bool = False) -> "MemoryConfig":
+        """A copy with every null (auto) setting decided for this machine and layout."""
         dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
         if self.overlap_param_gather and not dist_opt:
             raise ValueError("memory.overlap_param_gather=true needs the distributed optimizer "
                              "(memory.distributed_optimizer=true; its default is on with CUDA "
                              "only)")
+        if self.cross_entropy_impl == "chunked" and sequence_parallel:
+            raise ValueError("memory.cross_entropy_impl=chunked takes the replicated hidden "
+                             "states and does not run with parallel.sequence_parallel=true; "
+                             "use unfused or null (auto)")
         return dataclasses.replace(
             self, distributed_optimizer=dist_opt,
             overlap_grad_reduce=cuda if self.overlap_grad_reduce is None
             else self.overlap_grad_reduce,
             overlap_param_gather=(cuda and dist_opt) if self.overlap_param_gather is None
-            else self.overlap_param_gather)
+            else self.overlap_param_gather,
+            cross_entropy_impl=self.cross_entropy_impl or (
+                "unfused" if sequence_parallel else "chunked"))

@@ -211,7 +211,7 @@ def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Option
     from megatron_wmss.platform import cuda_available
 
     try:
-        recipe.memory.resolved(cuda_available())
+        recipe.memory.resolved(cuda_available(), recipe.parallel.sequence_parallel)
     except ValueError as err:
         raise RecipeError(str(err)) from None
     _check_files(recipe)

@@ -74,13 +74,16 @@ def _micro_batches(dp_rank, dp_size):
 def _setup(freeze_weak, mix_lambda=0.5, joint=True, tied=True, weight_decay=0.01, memory=None):
     from megatron.core import parallel_state as ps
 
-    from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
+    from megatron_wmss.config import MemoryConfig, MixConfig, OptimConfig, ParallelConfig
     from megatron_wmss.training import setup_training
 
     parallel = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
                               ps.get_pipeline_model_parallel_world_size())
     optim = OptimConfig(lr=1e-3, warmup_fraction=0.0, lr_schedule="constant",
                         weight_decay=weight_decay)
+    # The reference is the unfused loss (logits, then the loss); chunked runs are compared
+    # against it.
+    memory = memory or MemoryConfig(cross_entropy_impl="unfused")
     mix = MixConfig(mix_lambda=mix_lambda, freeze_weak=freeze_weak) if joint else None
     return setup_training(_model_config(tied), parallel, optim, STEPS, mix=mix, memory=memory)
 

@@ -148,8 +148,8 @@ def _compare(joint: bool):
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-@pytest.mark.parametrize("joint", [False, True], ids=["sft", "joint"])
+@pytest.mark.parametrize("joint,tp,pp", [
+    (True, 1, 1), (True, 2, 1), (True, 1, 2), (True, 2, 2), (False, 1, 1), (False, 2, 2)])
 def test_packed_rows_give_the_padded_losses_and_gradients(tp, pp, joint):
     for rank, result in enumerate(run_distributed(_compare, world_size=tp * pp, tp=tp, pp=pp,
                                                   args=(joint,), timeout=300)):
