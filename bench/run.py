@@ -147,16 +147,17 @@ def bench_loss(args) -> dict:
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     details = {}
     for tp in (1, 2):
-        # The naive loss peaks at ~7.5 [T, V] fp32 tensors per rank (measured 18.6 GiB at
-        # T=4096): skip it where tp ranks of 8 would not fit in 90% of the memory.
-        skip = [t for t in token_counts if tp * 8 * t * vocab * 4 / 2**30 > 0.9 * total_gib]
+        # The naive loss peaks at ~9.3 [T, V] fp32 tensors per rank (5.8 GiB at T=1024; at
+        # T=4096 it was OOM-killed on a 24 GiB machine): skip it where tp ranks of 10 would
+        # not fit in 90% of the memory.
+        skip = [t for t in token_counts if tp * 10 * t * vocab * 4 / 2**30 > 0.9 * total_gib]
         _log(f"loss: TP={tp}, V={vocab}, T={token_counts} ...")
         runs = run_distributed(_loss_rank, world_size=tp, tp=tp, timeout=1200,
                                args=(vocab, hidden, token_counts, args.repeats, skip))[0]
         for tokens in token_counts:
             r = {impl: runs.get(f"{impl}@{tokens}") for impl in IMPLS}
             entry = {impl: ({"peak_gib": v["peak_bytes"] / 2**30, "seconds": v["seconds"]}
-                            if v else {"skipped": f"{tp} ranks of ~{8 * tokens * vocab * 4 / 2**30:.0f}"
+                            if v else {"skipped": f"{tp} ranks of ~{10 * tokens * vocab * 4 / 2**30:.0f}"
                                                   f" GiB do not fit in {total_gib:.0f} GiB"})
                      for impl, v in r.items()}
             entry["chunked_vs_unfused_time"] = r["chunked"]["seconds"] / r["unfused"]["seconds"]
@@ -334,10 +335,15 @@ def main(argv=None) -> dict:
     details = {name: known[name](args) for name in sections}
     out: dict = {}
     if "loss" in details:
-        headline = details["loss"]["runs"][max(k for k in details["loss"]["runs"]
-                                               if k.startswith("tp1_"))]
-        out["chunked_vs_naive_peak_memory"] = headline.get("chunked_vs_naive_peak_memory")
-        out["chunked_vs_unfused_time"] = headline["chunked_vs_unfused_time"]
+        runs = details["loss"]["runs"]
+        tp1 = sorted((k for k in runs if k.startswith("tp1_")), key=lambda k: int(k[5:]))
+        out["chunked_vs_unfused_time"] = runs[tp1[-1]]["chunked_vs_unfused_time"]
+        # The largest T at which the naive loss fits in this machine's memory.
+        with_naive = [k for k in tp1 if "chunked_vs_naive_peak_memory" in runs[k]]
+        out["chunked_vs_naive_peak_memory"] = (
+            runs[with_naive[-1]]["chunked_vs_naive_peak_memory"] if with_naive else None)
+        out["chunked_vs_naive_peak_memory_at_tokens"] = (
+            int(with_naive[-1][5:]) if with_naive else None)
     if "step" in details:
         out["joint_vs_sft_step_time"] = details["step"]["joint_vs_sft_step_time"]
         out["frozen_joint_vs_sft_step_time"] = details["step"]["frozen_joint_vs_sft_step_time"]

@@ -70,6 +70,14 @@ def rows_for(schema: str, n: int = len(PROMPTS), with_idx: bool = False) -> list
     return rows
 
 
+def tokenized_sample(ids, mask, idx) -> dict:
+    """One tokenized sample as the loader's dataset yields it."""
+    import numpy as np
+
+    return {"input_ids": np.array(ids, np.int32), "assistant_mask": np.array(mask, bool),
+            "idx": idx}
+
+
 def write_rows(path: Path, rows: list[dict]) -> str:
     """Write ``rows`` as JSON Lines, a JSON array or Parquet, by the suffix of ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,7 @@ from tests.unit.data_fixtures import (  # noqa: F401  (fixtures)
     sp_tokenizer,
     write_rows,
 )
-
-
-def _sample(ids, mask, idx):
-    return {"input_ids": np.array(ids, np.int32), "assistant_mask": np.array(mask, bool),
-            "idx": idx}
+from tests.unit.data_fixtures import tokenized_sample as _sample
 
 
 def test_labels_are_next_token_targets_on_completion_only():

@@ -22,11 +22,7 @@ from tests.unit.data_fixtures import (  # noqa: F401  (fixtures)
     sp_tokenizer,
     write_rows,
 )
-
-
-def _sample(ids, mask, idx):
-    return {"input_ids": np.array(ids, np.int32), "assistant_mask": np.array(mask, bool),
-            "idx": idx}
+from tests.unit.data_fixtures import tokenized_sample as _sample
 
 
 @pytest.mark.parametrize("seed", range(5))
