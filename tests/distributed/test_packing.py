@@ -87,7 +87,7 @@ def _per_sample_losses(setup, batches, micro_batch_size):
         return None
     losses = {}
     for report in reports:
-        batch, per_token = report["batch"], report["per_token"]
+        batch, per_token = report["batch"], report["per_token"].cpu()
         segments = batch.get("segment_ids")
         for row in range(per_token.shape[0]):
             if segments is None:
