@@ -190,6 +190,12 @@ def _tiny_gpt(quick: bool, vocab: int, seq: int):
                        max_position_embeddings=seq, params_dtype="float32")
 
 
+def _constant_lr_optim():
+    from megatron_wmss.config import OptimConfig
+
+    return OptimConfig(lr=1e-4, warmup_fraction=0.0, lr_schedule="constant")
+
+
 def _random_batches(n: int, micro: int, seq: int, vocab: int, seed: int) -> list[dict]:
     import torch
 
@@ -205,13 +211,13 @@ def _random_batches(n: int, micro: int, seq: int, vocab: int, seed: int) -> list
 
 
 def _step_rank(quick: bool, rounds: int) -> dict:
-    from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
+    from megatron_wmss.config import MixConfig, ParallelConfig
     from megatron_wmss.training import setup_training, train_step
 
     _use_all_cores()
     vocab, seq, micro, n_micro = (512, 32, 2, 2) if quick else (8192, 256, 4, 2)
     cfg = _tiny_gpt(quick, vocab, seq)
-    optim = OptimConfig(lr=1e-4, warmup_fraction=0.0, lr_schedule="constant")
+    optim = _constant_lr_optim()
     setups = {"sft": setup_training(cfg, ParallelConfig(), optim, 100),
               "joint": setup_training(cfg, ParallelConfig(), optim, 100, mix=MixConfig()),
               "frozen_joint": setup_training(cfg, ParallelConfig(), optim, 100,
@@ -258,7 +264,7 @@ def _lengths(n: int, longest: int, seed: int) -> list[int]:
 def _packing_rank(quick: bool, rounds: int) -> dict:
     import numpy as np
 
-    from megatron_wmss.config import OptimConfig, ParallelConfig
+    from megatron_wmss.config import ParallelConfig
     from megatron_wmss.data.collate import collate_sft
     from megatron_wmss.data.packing import collate_packed, pack_by_length
     from megatron_wmss.training import setup_training, train_step
@@ -278,8 +284,7 @@ def _packing_rank(quick: bool, rounds: int) -> dict:
     packed = [collate_packed([[samples[j] for j in p]], pad_id=0, length=longest)
               for p in packs]
     cfg = _tiny_gpt(quick, vocab, longest)
-    setup = setup_training(cfg, ParallelConfig(), OptimConfig(lr=1e-4, warmup_fraction=0.0,
-                                                              lr_schedule="constant"), 100)
+    setup = setup_training(cfg, ParallelConfig(), _constant_lr_optim(), 100)
     real = sum(lengths)
     times = {"padded": [], "packed": []}
     for round_ in range(rounds + 1):
