@@ -58,8 +58,11 @@ def apex_available() -> bool:
 
 # What megatron-core 0.16 warns at import / model build when Transformer Engine and Apex are
 # absent (it falls back to torch optimizers, local multi-tensor kernels and torch norms).
+# Without CUDA, its advice to set CUDA_DEVICE_MAX_CONNECTIONS (a CUDA stream setting) is moot.
 _FALLBACK_WARNINGS = (("Transformer Engine and Apex are not installed", UserWarning),
-                      ("Apex is not installed", UserWarning))
+                      ("Apex is not installed", UserWarning),
+                      ("When using async grad allreduce it is recommended to set the "
+                       "environment variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning))
 # Warned about megatron-core's own choices on any device: every TransformerConfig that keeps its
 # default cuda_graph_scope="full", and dist_checkpointing's calls of deprecated torch APIs.
 _MEGATRON_DEPRECATIONS = (("full scope is deprecated", UserWarning),

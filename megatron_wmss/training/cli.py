@@ -2,6 +2,7 @@
 
     wmss sft   --config RECIPE.yaml [section.field=value ...] [--run-dir DIR] [--nproc-per-node N]
     wmss joint --config RECIPE.yaml ...
+    wmss sft   --config RECIPE.yaml [overrides] --print-config   # check, print, start nothing
 
 Under torchrun or srun each process is one rank (see :mod:`megatron_wmss.platform.launch`);
 ``--nproc-per-node N`` starts N local ranks itself (NCCL with a GPU each where there are N
@@ -39,6 +40,9 @@ def _parser(command: str) -> ArgumentParser:
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="start N local ranks (default: one process, or the ranks of "
                         "torchrun / srun)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="check the recipe, print it resolved as YAML (what RUN_DIR/"
+                        "config.yaml will hold) and exit without training")
     return parser
 
 
@@ -52,6 +56,17 @@ def _train_rank(recipe) -> tuple[int, str]:
         return NONFINITE_EXIT_CODE, str(err)
 
 
+def _print_resolved(recipe) -> None:
+    """The recipe as the run will resolve it: the tokenizer fills in the vocabulary size."""
+    import yaml
+
+    from megatron_wmss.data import load_tokenizer
+    from megatron_wmss.training.recipe import default_tokenizer, resolve_model
+
+    resolve_model(recipe, load_tokenizer(default_tokenizer(recipe)).vocab_size)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+
+
 def train_main(command: str, argv: Sequence[str]) -> int:
     from megatron_wmss.platform.launch import rank_info_from_env
     from megatron_wmss.training.recipe import check_init_architectures, load_recipe
@@ -60,6 +75,9 @@ def train_main(command: str, argv: Sequence[str]) -> int:
     args = _parser(command).parse_intermixed_args(list(argv))
     recipe = load_recipe(command, args.config, args.overrides, args.run_dir)
     check_init_architectures(recipe)
+    if args.print_config:
+        _print_resolved(recipe)
+        return 0
     tp = recipe.parallel.tensor_model_parallel_size
     pp = recipe.parallel.pipeline_model_parallel_size
     if args.nproc_per_node is not None:

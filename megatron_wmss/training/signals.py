@@ -27,6 +27,36 @@ PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def _start_checkpoint_queue_shielded() -> None:
+    """Start megatron's checkpoint-writer queue now, in a process that USR1/SIGTERM cannot kill.
+
+    ``dist_checkpointing.save`` sends its write results through a queue served by a *spawned*
+    multiprocessing Manager, started on the first save. Slurm delivers ``--signal`` and
+    preemption signals to every process of a job step, and a fresh interpreter dies of USR1
+    (its default action), so the save running at that moment failed with BrokenPipeError.
+    Signals blocked while it is spawned stay blocked in it (the mask survives fork and exec),
+    and those that arrive here meanwhile are delivered once unblocked, not lost. The server
+    (and multiprocessing's resource tracker, which spawning needs) still shuts down with this
+    process; like any child, it outlives only a SIGKILL of it.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return  # another megatron-core layout, or already started
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        # Spawning starts multiprocessing's resource tracker first, which unblocks SIGTERM in
+        # this thread when it is up: start it before, and block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class PreemptionGuard:
     """Installs the flag-setting handlers on enter, restores the previous ones on exit."""
 
@@ -41,6 +71,7 @@ class PreemptionGuard:
         self._previous = {}
 
     def __enter__(self) -> "PreemptionGuard":
+        _start_checkpoint_queue_shielded()
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -279,6 +279,9 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
             raise RecipeError(f"data.seed={data_cfg.seed} differs from the seed {state.data_seed} "
                               f"the run in {run_dir} was started with (samples would repeat); "
                               "use a new trainer.run_dir to start over")
+        if _rank0():
+            print(f"wmss {recipe.command}: resuming from {resume} (step {state.step} of "
+                  f"{total})", flush=True)
     else:
         _load_init_weights(setup, recipe, inits)
         state = TrainState(data_seed=data_cfg.seed, total_steps=total)
