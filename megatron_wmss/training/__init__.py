@@ -1,19 +1,28 @@
-"""Training: model/optimizer assembly and the train step shared by SFT and joint training."""
+"""Training: model/optimizer assembly and the train step shared by SFT and joint training.
 
-from megatron_wmss.training.setup import TrainingSetup, is_weak_param, setup_training
-from megatron_wmss.training.step import (
-    StepMetrics,
-    batch_to_device,
-    causal_attention_mask,
-    train_step,
-)
+The names below load on first use (PEP 562): ``wmss sft --print-config`` and the recipe checks
+of ``megatron_wmss.training.recipe`` then run without importing megatron-core (~3 s).
+"""
 
-__all__ = [
-    "StepMetrics",
-    "TrainingSetup",
-    "batch_to_device",
-    "causal_attention_mask",
-    "is_weak_param",
-    "setup_training",
-    "train_step",
-]
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "TrainingSetup": "setup",
+    "is_weak_param": "setup",
+    "setup_training": "setup",
+    "StepMetrics": "step",
+    "batch_to_device": "step",
+    "causal_attention_mask": "step",
+    "train_step": "step",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
