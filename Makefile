@@ -9,13 +9,16 @@ STAMP := $(VENV)/.wmss-installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# An interpreter that already has torch (NGC containers: CUDA torch, Transformer Engine, Apex)
+# is reused as it is, also where no GPU is visible (a `docker build`).
+HAS_TORCH := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1 && echo 1)
 
 .PHONY: demo test venv clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.py pyproject.toml
-ifeq ($(HAS_GPU),1)
+ifneq ($(HAS_GPU)$(HAS_TORCH),)
 	@# NGC containers ship CUDA torch, Transformer Engine and Apex: reuse them.
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 else

