@@ -143,7 +143,7 @@ def test_resume_at_another_layout_continues_the_loss(references, to_layout, tmp_
         assert record["loss"] == pytest.approx(loss, rel=RESHARD_RTOL), record["step"]
 
 
-def test_sigusr1_saves_exits_with_the_requeue_code_and_resumes(references, tmp_path):
+def test_sigusr1_saves_and_exits_with_the_requeue_code(references, tmp_path):
     from megatron_wmss.training.signals import PREEMPTION_EXIT_CODE
 
     command, overrides = LAYOUTS["tp2-sft"]
@@ -159,9 +159,11 @@ def test_sigusr1_saves_exits_with_the_requeue_code_and_resumes(references, tmp_p
     marker = json.loads((run_dir / "preempted.json").read_text())  # for torchrun users
     assert marker["step"] == stopped and marker["exit_code"] == PREEMPTION_EXIT_CODE
     assert (run_dir / "checkpoints" / latest["checkpoint"] / "train_state.json").is_file()
-    rerun = _run(command, run_dir, overrides)
-    assert rerun.returncode == 0, rerun.stderr
-    assert _losses(run_dir) == _losses(references["tp2-sft"])
+    # The losses so far are the uninterrupted run's. That the resumed run then ends on the
+    # same losses is checked through Slurm (tests/slow/test_slurm_launch.py: USR1, requeue,
+    # resume) and after SIGKILL above, each from a checkpoint like this one.
+    want = _losses(references["tp2-sft"])
+    assert [r["loss"] for r in _records(run_dir)] == want[:stopped]
 
 
 def test_metrics_and_tensorboard_hold_losses_norms_and_diagnostics(references):

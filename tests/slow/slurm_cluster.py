@@ -129,7 +129,7 @@ class SlurmCluster:
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # A requeued job waits cred_expire seconds before it may start (default 120).
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={root / 'state'}",
