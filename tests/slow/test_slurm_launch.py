@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -131,6 +132,33 @@ def test_failures_are_not_requeued_and_the_log_names_the_error(one_node, tmp_pat
     job_id, rc, log = _sbatch(one_node, tmp_path / "pyxis.log",
                               {**SFT, "WMSS_CONTAINER_IMAGE": "nvcr.io/nvidia/pytorch:25.12-py3"})
     assert rc == 2 and "pyxis is not installed" in log and "megatron_core" not in log, log
+
+
+def test_a_container_image_reaches_every_srun_through_pyxis(one_node, tmp_path):
+    # No pyxis here: an `srun` first on PATH that lists --container-image in its help (as
+    # pyxis adds it) and records the options of the steps the script starts, which it then
+    # stops (a stand-in; the real pyxis path is not run on this machine).
+    real_srun, calls = shutil.which("srun"), tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"""#!/bin/bash
+if [[ "$1" == --help ]]; then {real_srun} --help; echo "  --container-image=IMAGE (pyxis)"; exit 0; fi
+args="$*"; echo "${{args//$'\\n'/ }}" >> {calls}
+""")
+    (bin_dir / "srun").chmod(0o755)
+    image = "registry.example.com/megatron-wmss:0.1.0"
+    env = {**SFT, "WMSS_CONTAINER_IMAGE": image, "PATH": f"{bin_dir}:{one_node.env['PATH']}"}
+    job_id, rc, log = _sbatch(one_node, tmp_path / "job.log", env, ["optim.lr=1e-4"])
+    assert rc == 0 and f"container: {image} (pyxis)" in log, log
+    steps = calls.read_text().splitlines()
+    assert len(steps) == 2, steps  # the checks on one task, then the ranks
+    for step in steps:
+        assert f"--container-image={image} --container-mounts={REPO}:{REPO} " \
+               f"--container-workdir={REPO} python " in step, step
+    assert steps[0].startswith("--nodes=1 --ntasks=1") and "--print-config" in steps[0]
+    assert steps[1].startswith("--ntasks-per-node=2 --ntasks=2 --wait=300")
+    assert steps[1].endswith("python -m megatron_wmss.cli sft --config "
+                             "examples/recipes/tiny-sft.yaml optim.lr=1e-4")
 
 
 def test_two_node_job_preempted_by_usr1_requeues_and_reproduces_the_one_node_losses(
