@@ -206,6 +206,9 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def close(self) -> None:
+        if self._procs:  # end this cluster's jobs (SLURM_CONF points at it) while ctld lives
+            subprocess.run(["scancel", "--user=root", "--full"], env=self.env,
+                           capture_output=True, timeout=30)
         for proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -216,10 +219,7 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
-        # Job processes outlive a killed slurmd (their slurmstepd keeps them): end them too.
-        subprocess.run(["pkill", "-f", f"slurmstepd.*{self.root}"], capture_output=True)
-        for ns in self._netns:
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+        for ns in self._netns:  # whatever still runs on a namespace node
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
                                   text=True).stdout.split()
             for pid in pids:
