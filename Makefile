@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Two commands for a fresh machine: `make demo` (the main job: the whole method on a small
+# example) and `make test` (the suite).
 # Both create .venv on first use: CPU torch first where there is no GPU (so pip never pulls a
 # multi-GB CUDA build), then this project with its test and evaluation extras.
 
@@ -13,7 +14,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 # is reused as it is, also where no GPU is visible (a `docker build`).
 HAS_TORCH := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test venv clean
+.PHONY: demo ablations test venv clean
 
 venv: $(STAMP)
 
@@ -28,8 +29,13 @@ endif
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
+# The whole method on a synthetic task, on CPU (examples/demo/): prints the report's path.
 demo: $(STAMP)
-	$(PY) examples/mixed_ce_demo.py
+	$(PY) examples/demo/run_demo.py
+
+# The same run plus the six controls (wmss run --ablations); finished stages are reused.
+ablations: $(STAMP)
+	$(PY) examples/demo/run_demo.py --ablations
 
 # pytest exits 5 when it collected no test: say so plainly, and fail.
 test: $(STAMP)

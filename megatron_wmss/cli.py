@@ -92,6 +92,12 @@ def _select(argv: Sequence[str]) -> int:
     return select_main(list(argv))
 
 
+def _run(argv: Sequence[str]) -> int:
+    from megatron_wmss.pipeline.cli import run_main
+
+    return run_main(argv)
+
+
 def _eval(argv: Sequence[str]) -> int:
     from megatron_wmss.evaluation.cli import eval_main
 
@@ -100,6 +106,8 @@ def _eval(argv: Sequence[str]) -> int:
 
 # name -> (help, handler taking the command's own arguments)
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "run": ("the whole method: SFT, selection, joint training, extraction, evaluation, the "
+            "SFT baseline and controls, a report (resumable stages)", _run),
     "env": ("show versions and which GPU libraries are usable", _env),
     "sft": ("phase 1: supervised fine-tuning from a YAML recipe (resumable)", _sft),
     "entropy": ("phase 2 (WD-DS): per-sample entropy of one model over the SFT data "

@@ -13,7 +13,7 @@ from megatron_wmss.config.model import (
     ParallelConfig,
     check_same_architecture,
 )
-from megatron_wmss.config.training import MemoryConfig, MixConfig, OptimConfig
+from megatron_wmss.config.training import MemoryConfig, MixConfig, OptimConfig, SFTLossConfig
 from megatron_wmss.config.vocab import padded_vocab_size
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "MixConfig",
     "ModelConfig",
     "OptimConfig",
+    "SFTLossConfig",
     "PARAMS_DTYPES",
     "ParallelConfig",
     "WEIGHT_DTYPES",

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["RECOMPUTE", "MemoryConfig", "MixConfig", "OptimConfig"]
+__all__ = ["RECOMPUTE", "MemoryConfig", "MixConfig", "OptimConfig", "SFTLossConfig"]
 
 #: Activation recomputation: none, selective (core attention), full (every layer).
 RECOMPUTE = ("none", "selective", "full")
@@ -53,6 +53,33 @@ class MixConfig:
             return float(self.mix_lambda)
         frac = step / self.lambda_ramp_steps
         return float(self.lambda_start + frac * (self.mix_lambda - self.lambda_start))
+
+
+@dataclass
+class SFTLossConfig:
+    """Single-model (SFT) loss variants, the controls of ``wmss run --ablations``; the
+    defaults are plain cross-entropy."""
+
+    logit_scale: float = 1.0
+    """Train on CE(s·z): the "temperature control", CE(λ·z_strong) with no weak model (what
+    the mixed loss becomes when the weak logits are uniform); in (0, 1]."""
+    label_smoothing: float = 0.0
+    """ε of label smoothing over the real vocabulary, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
+                or not 0.0 < self.logit_scale <= 1.0:
+            raise ValueError(f"SFTLossConfig.logit_scale must be in (0, 1], got "
+                             f"{self.logit_scale!r}")
+        if isinstance(self.label_smoothing, bool) or \
+                not isinstance(self.label_smoothing, (int, float)) or \
+                not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"SFTLossConfig.label_smoothing must be in [0, 1), got "
+                             f"{self.label_smoothing!r}")
+
+    @property
+    def plain(self) -> bool:
+        return self.logit_scale == 1.0 and self.label_smoothing == 0.0
 
 
 @dataclass

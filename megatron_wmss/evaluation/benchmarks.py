@@ -35,7 +35,7 @@ class TaskSpec:
     kind: str
     """"math" (graded by :mod:`~megatron_wmss.evaluation.grading`) or "code" (executed)."""
     hub_path: str
-    """Hugging Face hub dataset read when no local file is given."""
+    """Hugging Face hub dataset read when no local file is given ("": local files only)."""
     hub_name: Optional[str]
     """Hub dataset configuration (None: the default one)."""
     hub_split: str
@@ -65,6 +65,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     _math("amc23", "math-ai/amc23", "test", 8192),
     _math("math500", "HuggingFaceH4/MATH-500", "test"),
     _math("gsm8k", "openai/gsm8k", "test", hub_name="main"),
+    # Your own question/answer file (e.g. the held-out split of `make demo`), graded like the
+    # benchmarks: --data-dir DIR holding local_math.jsonl.
+    _math("local_math", "", "test"),
     TaskSpec("humaneval", "code", "openai/openai_humaneval", None, "test", 4096, "pass@1"),
     TaskSpec("mbpp", "code", "google-research-datasets/mbpp", "full", "test", 4096, "pass@1"),
 )}
@@ -185,6 +188,9 @@ def _local_file(name: str, data_dir: str | os.PathLike, suffixes: tuple[str, ...
 
 
 def _hub_records(spec: TaskSpec) -> list[dict]:
+    if not spec.hub_path:
+        raise UserError(f"task {spec.name} reads local files only: pass --data-dir DIR holding "
+                        f"{spec.name}.jsonl (question and answer fields)")
     try:
         import datasets
 

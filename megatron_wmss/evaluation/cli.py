@@ -67,6 +67,9 @@ def _run_main(argv: Sequence[str]) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer for a checkpoint that "
                         "carries none (SentencePiece .model or HF directory)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--generate-batch-size", type=positive_int, default=1,
+                        help="megatron backend: prompts generated together without a KV cache "
+                        "(faster for small models and short answers); 1: one at a time, cached")
     parser.add_argument("--dtype", default=None, help="hf/vllm weight dtype (default: model's)")
     parser.add_argument("--device", default=None, help="hf device (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=42)
@@ -85,7 +88,8 @@ def _run_main(argv: Sequence[str]) -> int:
             max_new_tokens=args.max_new_tokens,
             chat_template=False if args.no_chat_template else None,
             allow_code_execution=args.allow_code_execution, tp=args.tp, which=args.which,
-            tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype,
+            tokenizer=args.tokenizer, batch_size=args.batch_size,
+            generate_batch_size=args.generate_batch_size, dtype=args.dtype,
             device=args.device, seed=args.seed, label=args.label, overwrite=args.overwrite)
         summary = run_eval(job)
         for name, task in summary["tasks"].items():

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from megatron_wmss.evaluation import benchmarks
 
 __all__ = ["DATA_DIR_ENV", "code_doc_to_target", "humaneval_doc_to_text", "keep_all",
-           "load_aime24", "load_aime25", "load_amc23", "load_gsm8k", "load_humaneval",
+           "load_aime24", "load_aime25", "load_amc23", "load_gsm8k", "load_local_math", "load_humaneval",
            "load_math500", "load_mbpp", "math_doc_to_target", "math_doc_to_text",
            "mbpp_doc_to_text", "process_humaneval", "process_math", "process_mbpp"]
 
@@ -56,6 +56,7 @@ load_aime25 = _loader("aime25")
 load_amc23 = _loader("amc23")
 load_math500 = _loader("math500")
 load_gsm8k = _loader("gsm8k")
+load_local_math = _loader("local_math")
 load_humaneval = _loader("humaneval")
 load_mbpp = _loader("mbpp")
 

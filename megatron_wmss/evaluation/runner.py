@@ -18,6 +18,7 @@ installed), ``megatron`` (:class:`~megatron_wmss.evaluation.backend.MegatronLM`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as _dt
 import json
 import math
@@ -27,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from megatron_wmss.platform.errors import UserError
 
-__all__ = ["EvalJob", "PRESETS", "pass_at_k", "run_eval", "model_kind"]
+__all__ = ["EvalJob", "PRESETS", "evaluate_rank", "pass_at_k", "run_eval", "model_kind"]
 
 BACKENDS = ("auto", "hf", "vllm", "megatron")
 
@@ -86,6 +87,9 @@ class EvalJob:
     """Tokenizer when the checkpoint carries none (SentencePiece .model or HF directory)."""
     batch_size: int = 8
     """Loglikelihood batch of the megatron backend; the hf backend's batch size."""
+    generate_batch_size: int = 1
+    """Megatron backend: prompts generated together without a KV cache (fast for small models
+    and short answers); 1: one at a time with a KV cache."""
     dtype: Optional[str] = None
     """hf/vllm weight dtype (default: the model's)."""
     device: Optional[str] = None
@@ -178,6 +182,10 @@ def check_job(job: EvalJob) -> EvalJob:
                             "--backend hf") from err
     if backend != "megatron" and (job.tp != 1 or job.which or job.tokenizer):
         raise UserError("--tp, --which and --tokenizer apply to --backend megatron only")
+    if backend != "megatron" and job.generate_batch_size != 1:
+        raise UserError("--generate-batch-size applies to --backend megatron only")
+    if job.generate_batch_size < 1:
+        raise UserError(f"--generate-batch-size must be >= 1, got {job.generate_batch_size}")
     if backend == "megatron" and job.tp < 1:
         raise UserError(f"--tp must be >= 1, got {job.tp}")
     model = _resolve_checkpoint(job.model) if backend == "megatron" else job.model
@@ -201,14 +209,24 @@ def _generation_settings(job: EvalJob, spec) -> dict[str, Any]:
     return settings
 
 
-def _load_tasks(job: EvalJob) -> list:
+@functools.lru_cache(maxsize=8)
+def _task_manager(data_dir: Optional[str]):
+    """lm-eval's index of our tasks (evaluation/tasks/), once per process and data directory
+    (a pipeline evaluates many models)."""
     from lm_eval.tasks import TaskManager
 
-    from megatron_wmss.evaluation import benchmarks, tasks_dir
+    from megatron_wmss.evaluation import tasks_dir
 
-    metadata = {"data_dir": os.path.abspath(job.data_dir)} if job.data_dir else {}
-    manager = TaskManager(include_path=str(tasks_dir()), metadata=metadata)
-    loaded = manager.load(list(job.tasks))["tasks"]
+    metadata = {"data_dir": data_dir} if data_dir else {}
+    # Our tasks only: indexing lm-eval's built-in ones takes 10-30 s and none is used.
+    return TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+
+
+def _load_tasks(job: EvalJob) -> list:
+    from megatron_wmss.evaluation import benchmarks
+
+    data_dir = os.path.abspath(job.data_dir) if job.data_dir else None
+    loaded = _task_manager(data_dir).load(list(job.tasks))["tasks"]
     out = []
     for name in job.tasks:
         task = loaded[name]
@@ -226,8 +244,10 @@ def evaluate_with_lm(lm, job: EvalJob, model_args: Optional[dict] = None) -> dic
 
     preset = PRESETS[job.preset]
     chat = preset.chat_template if job.chat_template is None else job.chat_template
+    # Our index, not a fresh default one (building lm-eval's task index takes 10-30 s).
     return lm_eval.simple_evaluate(
         model=lm, model_args=model_args, tasks=_load_tasks(job), limit=job.limit,
+        task_manager=_task_manager(os.path.abspath(job.data_dir) if job.data_dir else None),
         batch_size=job.batch_size, device=job.device, apply_chat_template=chat,
         log_samples=True, bootstrap_iters=0, confirm_run_unsafe_code=job.allow_code_execution,
         random_seed=job.seed, numpy_random_seed=job.seed, torch_random_seed=job.seed,
@@ -345,11 +365,29 @@ def _megatron_worker(job: EvalJob) -> Optional[dict]:
     tokenizer = load_eval_tokenizer(tokenizer_path)
     model, cfg = load_checkpoint_model(job.model, job.which)
     lm = MegatronLM(model, tokenizer, cfg.vocab_size, max_length=cfg.max_position_embeddings,
-                    batch_size=job.batch_size, seed=job.seed)
+                    batch_size=job.batch_size, seed=job.seed,
+                    generate_batch_size=job.generate_batch_size)
     results = evaluate_with_lm(lm, job)
     summary = write_run(job, results) if dist.get_rank() == 0 else None
     dist.barrier()
     return summary
+
+
+def evaluate_rank(job: EvalJob) -> Optional[dict]:
+    """Evaluate a checked megatron-backend ``job`` on this rank of an initialized process group
+    (megatron's parallel state at ``job.tp`` x 1): all ranks run it, rank 0 writes the run
+    directory and returns its summary (the others None). ``wmss run`` calls it per model."""
+    from megatron_wmss.platform.files import check_output_dir
+
+    if _dist_rank() == 0:
+        check_output_dir(job.out, job.overwrite)
+    return _megatron_worker(job)
+
+
+def _dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def run_eval(job: EvalJob) -> dict:

@@ -27,6 +27,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_wmss.config.training import CROSS_ENTROPY_IMPLS
 from megatron_wmss.loss import cross_entropy, linear_cross_entropy
+from megatron_wmss.loss.smoothing import smoothing_term, smoothing_term_from_hidden
 from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
 
 __all__ = ["WMSSGPTModel"]
@@ -43,6 +44,8 @@ class WMSSGPTModel(GPTModel):
         self.real_vocab_size = real_vocab_size
         self.ignore_index = ignore_index
         self.cross_entropy_impl, self.cross_entropy_chunk = "unfused", None
+        self.logit_scale, self.label_smoothing = 1.0, 0.0  # SFT controls (set_sft_loss)
+        self._diagnostics_on, self._diagnostic_sums = False, None  # SFT saturation statistics
         self.uses_te = False  # set by the builder: Transformer Engine layers (THD packing)
         self._rope_position_ids = None  # [b, s] while a packed forward runs
         if self.position_embedding_type == "rope":
@@ -84,6 +87,50 @@ class WMSSGPTModel(GPTModel):
                              "it does not run with sequence parallelism")
         self.cross_entropy_impl, self.cross_entropy_chunk = impl, chunk_tokens
 
+    def set_sft_loss(self, logit_scale: float = 1.0, label_smoothing: float = 0.0) -> None:
+        """The SFT loss variants of :class:`~megatron_wmss.config.training.SFTLossConfig`:
+        CE(s·z) and label smoothing ε over the real vocabulary (both 'unfused' and
+        'chunked'; scaling the hidden states scales the logits exactly)."""
+        self.logit_scale, self.label_smoothing = float(logit_scale), float(label_smoothing)
+
+    def record_diagnostics(self, enabled: bool) -> None:
+        """Accumulate the saturation statistics of this model's distribution (the logits it
+        is trained on) over the following forward passes, as JointGPTModel does for its
+        three: the SFT side of the report's SFT-against-WMSS plots."""
+        self._diagnostics_on, self._diagnostic_sums = bool(enabled), None
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Token means since :meth:`record_diagnostics` over the global batch, keyed
+        ``"model/<field>"`` (collective over data- and pipeline-parallel groups)."""
+        from megatron.core import parallel_state
+
+        from megatron_wmss.models.joint import DIAGNOSTIC_FIELDS
+        from megatron_wmss.platform import default_device
+
+        sums = self._diagnostic_sums
+        if sums is None:
+            sums = torch.zeros(len(DIAGNOSTIC_FIELDS) + 1, dtype=torch.float64,
+                               device=default_device())
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        self.record_diagnostics(False)
+        count = float(sums[-1])
+        return {f"model/{name}": float(value) / count if count else float("nan")
+                for name, value in zip(DIAGNOSTIC_FIELDS, sums[:-1].tolist())}
+
+    @torch.no_grad()
+    def _accumulate_diagnostics(self, logits, target) -> None:
+        from megatron_wmss.loss import token_statistics
+        from megatron_wmss.models.joint import DIAGNOSTIC_FIELDS
+
+        stats = token_statistics([logits.detach()], target, tp_group=self.pg_collection.tp,
+                                 ignore_index=self.ignore_index,
+                                 vocab_size=self.real_vocab_size)[0]
+        parts = [getattr(stats, name).sum() for name in DIAGNOSTIC_FIELDS] + [stats.valid.sum()]
+        sums = torch.stack([p.to(torch.float64) for p in parts])
+        self._diagnostic_sums = sums if self._diagnostic_sums is None else \
+            self._diagnostic_sums + sums
+
     def output_weight(self) -> torch.Tensor:
         """This rank's ``[v, h]`` output-layer weight shard (the tied embedding's if tied)."""
         if self.share_embeddings_and_output_weights:
@@ -111,11 +158,25 @@ class WMSSGPTModel(GPTModel):
         hidden_sbh = self.final_hidden_states(input_ids, position_ids, attention_mask,
                                               rope_positions=rope_positions,
                                               decoder_input=decoder_input, **kwargs)
-        loss_sb = linear_cross_entropy(hidden_sbh, self.output_weight(), labels.transpose(0, 1),
+        if self.logit_scale != 1.0:
+            hidden_sbh = hidden_sbh * self.logit_scale  # z = h·Wᵀ: the logits scale exactly
+        target_sb = labels.transpose(0, 1)
+        if self._diagnostics_on:  # whole logits, a chunk of tokens at a time
+            weight = self.output_weight().detach()
+            flat_th = hidden_sbh.detach().reshape(-1, hidden_sbh.shape[-1])
+            chunk = max(1, (1 << 24) // weight.shape[0])
+            for start in range(0, flat_th.shape[0], chunk):
+                self._accumulate_diagnostics(flat_th[start:start + chunk] @ weight.t(),
+                                             target_sb.reshape(-1)[start:start + chunk])
+        loss_sb = linear_cross_entropy(hidden_sbh, self.output_weight(), target_sb,
                                        tp_group=self.pg_collection.tp,
                                        ignore_index=self.ignore_index,
                                        vocab_size=self.real_vocab_size,
                                        chunk_size=self.cross_entropy_chunk)
+        if self.label_smoothing:
+            loss_sb = loss_sb + self.label_smoothing * smoothing_term_from_hidden(
+                hidden_sbh, self.output_weight(), target_sb, tp_group=self.pg_collection.tp,
+                vocab_size=self.real_vocab_size, ignore_index=self.ignore_index)
         return loss_sb.transpose(0, 1).contiguous()
 
     @torch.no_grad()
@@ -136,6 +197,15 @@ class WMSSGPTModel(GPTModel):
     def compute_language_model_loss(self, labels, logits):
         """``labels`` ``[b, s]``, ``logits`` ``[s, b, v]`` (this rank's shard) → loss ``[b, s]``."""
         # Transpose the small labels rather than the [s, b, v] logits (that would copy them).
-        loss_sb = cross_entropy(logits, labels.transpose(0, 1), tp_group=self.pg_collection.tp,
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        target_sb = labels.transpose(0, 1)
+        if self._diagnostics_on:
+            self._accumulate_diagnostics(logits, target_sb)
+        loss_sb = cross_entropy(logits, target_sb, tp_group=self.pg_collection.tp,
                                 ignore_index=self.ignore_index, vocab_size=self.real_vocab_size)
+        if self.label_smoothing:
+            loss_sb = loss_sb + self.label_smoothing * smoothing_term(
+                logits, target_sb, tp_group=self.pg_collection.tp,
+                vocab_size=self.real_vocab_size, ignore_index=self.ignore_index)
         return loss_sb.transpose(0, 1).contiguous()

@@ -5,6 +5,7 @@
     parallel: {...}                 # ParallelConfig
     optim: {...}                    # OptimConfig
     mix: {...}                      # MixConfig (joint runs only)
+    loss: {...}                     # SFTLossConfig (sft runs only: the ablation controls)
     memory: {...}                   # MemoryConfig
     data: {...}                     # DataConfig
     tokenizer: {...}                # TokenizerConfig; from the init checkpoint when it has one
@@ -24,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_wmss.config import MixConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_wmss.config import (
+    MixConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    SFTLossConfig,
+)
 from megatron_wmss.config.recipe import (
     RecipeError,
     apply_overrides,
@@ -36,7 +43,7 @@ from megatron_wmss.config.training import MemoryConfig
 from megatron_wmss.data.config import DataConfig, TokenizerConfig
 
 __all__ = ["COMMANDS", "InitConfig", "Recipe", "TrainerConfig", "check_init_architectures",
-           "default_tokenizer", "load_recipe", "resolve_model"]
+           "build_recipe", "default_tokenizer", "load_recipe", "resolve_model"]
 
 #: What each command trains.
 COMMANDS = ("sft", "joint")
@@ -112,6 +119,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mix: Optional[MixConfig] = None
+    loss: SFTLossConfig = field(default_factory=SFTLossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     tokenizer: Optional[TokenizerConfig] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -137,6 +145,8 @@ class Recipe:
         """The resolved recipe (what RUN_DIR/config.yaml holds)."""
         out = to_plain(self)
         out.pop("model_overrides")
+        if self.joint:
+            out.pop("loss")
         return out
 
     def steps_per_epoch(self, num_samples: int) -> int:
@@ -165,8 +175,8 @@ class Recipe:
         return steps
 
 
-_SECTIONS = {"model", "parallel", "optim", "mix", "memory", "data", "tokenizer", "trainer",
-             "init", "run_dir"}
+_SECTIONS = {"model", "parallel", "optim", "mix", "loss", "memory", "data", "tokenizer",
+             "trainer", "init", "run_dir"}
 
 
 def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Optional[str] = None
@@ -175,7 +185,13 @@ def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Option
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {list(COMMANDS)}, got {command!r}")
     raw = read_recipe(path) if path else {}
-    raw = apply_overrides(raw, list(overrides))
+    return build_recipe(command, apply_overrides(raw, list(overrides)), run_dir)
+
+
+def build_recipe(command: str, raw: dict, run_dir: Optional[str] = None) -> Recipe:
+    """:func:`load_recipe` from an already-read mapping (``wmss run`` builds one per stage)."""
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {list(COMMANDS)}, got {command!r}")
     for key in raw:
         if key not in _SECTIONS:
             close = difflib.get_close_matches(str(key), sorted(_SECTIONS), n=1, cutoff=0.5)
@@ -194,12 +210,16 @@ def load_recipe(command: str, path: Optional[str], overrides=(), run_dir: Option
                           f"{raw['model']!r:.60}")
     if command == "sft" and raw.get("mix") is not None:
         raise RecipeError("mix applies to joint runs only; remove it from an sft recipe")
+    if command == "joint" and raw.get("loss") is not None:
+        raise RecipeError("loss (logit_scale, label_smoothing) applies to sft runs only; a "
+                          "joint run trains on the mixed cross-entropy (mix section)")
     recipe = Recipe(
         command=command,
         data=build_dataclass(DataConfig, raw["data"], "data"),
         parallel=build_dataclass(ParallelConfig, raw.get("parallel"), "parallel"),
         optim=build_dataclass(OptimConfig, raw.get("optim"), "optim"),
         mix=build_dataclass(MixConfig, raw.get("mix"), "mix") if command == "joint" else None,
+        loss=build_dataclass(SFTLossConfig, raw.get("loss"), "loss"),
         memory=build_dataclass(MemoryConfig, raw.get("memory"), "memory"),
         tokenizer=(build_dataclass(TokenizerConfig, raw["tokenizer"], "tokenizer")
                    if raw.get("tokenizer") is not None else None),

@@ -19,6 +19,7 @@ from megatron_wmss.config import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    SFTLossConfig,
     check_same_architecture,
 )
 from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
@@ -133,6 +134,7 @@ def setup_training(
     weak_cfg: Optional[ModelConfig] = None,
     seed: int = 1234,
     memory: Optional[MemoryConfig] = None,
+    sft_loss: Optional[SFTLossConfig] = None,
 ) -> TrainingSetup:
     """Build the model(s) for this rank's stage, wrap in megatron DDP, build optimizer/schedule.
 
@@ -169,6 +171,11 @@ def setup_training(
         weak = build_gpt_model(weak_cfg, parallel, recompute=memory.recompute)
         model = JointGPTModel(model, weak, mix.lambda_at(0), freeze_weak=mix.freeze_weak)
     model.set_cross_entropy(memory.cross_entropy_impl, memory.cross_entropy_chunk_tokens)
+    if sft_loss is not None and not sft_loss.plain:
+        if mix is not None:
+            raise ValueError("sft_loss (logit_scale, label_smoothing) applies to SFT; a joint "
+                             "run's loss is the mixed cross-entropy")
+        model.set_sft_loss(sft_loss.logit_scale, sft_loss.label_smoothing)
 
     ddp = DistributedDataParallel(
         config=model.config,

@@ -173,7 +173,7 @@ def forward_backward(setup: TrainingSetup, data_iterator, *, num_microbatches: i
                          "[seq_length, micro_batch_size, hidden] activations)")
     if joint:
         model.set_mix_lambda(setup.mix.lambda_at(setup.step))
-        model.record_diagnostics(diagnostics)
+    model.record_diagnostics(diagnostics)
     for chunk in setup.model:
         chunk.zero_grad_buffer()
     setup.optimizer.zero_grad()
@@ -188,7 +188,7 @@ def forward_backward(setup: TrainingSetup, data_iterator, *, num_microbatches: i
         forward_only=False,
     )
     loss, supervised, tokens = _global_sums(reports)
-    stats = model.pop_diagnostics() if joint and diagnostics else {}
+    stats = model.pop_diagnostics() if diagnostics else {}
     return loss, supervised, tokens, stats
 
 
@@ -228,7 +228,8 @@ def train_step(
     ``data_iterator`` yields this data-parallel rank's micro-batches (every pipeline stage of
     the rank reads the same ones). Sets λ from the mix schedule before the step. With
     ``diagnostics`` a joint model also reports the saturation statistics of the strong, weak
-    and mixed distributions (token means over the global batch).
+    and mixed distributions, an SFT model those of its own (``model/<field>``; token means
+    over the global batch).
     """
     joint = isinstance(setup.unwrapped, JointGPTModel)
     mix_lambda = setup.mix.lambda_at(setup.step) if joint else None

@@ -204,6 +204,7 @@ def _resume_key(recipe: Recipe, total: int) -> dict:
                   + ("params_dtype",) if name != "make_vocab_size_divisible_by"},
         "optim": to_plain(recipe.optim),
         "mix": to_plain(recipe.mix),
+        "loss": None if recipe.joint else to_plain(recipe.loss),
         "data": {"paths": list(data.paths), "schema": data.schema, "max_length":
                  data.max_length, "overlength": data.overlength, "seed": data.seed,
                  "shuffle": data.shuffle, "active_set": data.active_set},
@@ -272,7 +273,8 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
     inits = _import_hf_inits(recipe) if resume is None else recipe.init_paths()
     cfg = _matching_vocab(recipe.model, {"resume": str(resume)} if resume else inits)
     setup = setup_training(cfg, recipe.parallel, recipe.optim, total, mix=recipe.mix,
-                           seed=recipe.trainer.seed, memory=recipe.memory)
+                           seed=recipe.trainer.seed, memory=recipe.memory,
+                           sft_loss=None if recipe.joint else recipe.loss)
     if resume is not None:
         state = load_training_checkpoint(setup, resume)
         if state.data_seed != data_cfg.seed:
@@ -318,7 +320,7 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
             metrics = train_step(setup, batches, num_microbatches=n_micro,
                                  micro_batch_size=data_cfg.micro_batch_size,
                                  seq_length=data_cfg.padded_length,
-                                 diagnostics=recipe.joint and log_now)
+                                 diagnostics=log_now)
             seconds = time.perf_counter() - start
             state.step = setup.step
             state.consumed_samples += trainer.global_batch_size

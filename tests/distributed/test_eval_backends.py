@@ -75,6 +75,8 @@ def _megatron(ckpt: str, stops):
                     batch_size=3)
     gen, ll = _requests(stops)
     texts = lm.generate_until(gen, disable_tqdm=True)
+    lm.generate_batch_size = 2  # a batch of two prompts, then one alone
+    batched = lm.generate_until(gen, disable_tqdm=True)
     # Incremental decoding against re-running the whole sequence at every step.
     cached, full = [], []
     for prompt in PROMPTS:
@@ -87,7 +89,8 @@ def _megatron(ckpt: str, stops):
                 break
             out.append(token)
         full.append(out)
-    return {"texts": texts, "ll": lm.loglikelihood(ll, disable_tqdm=True), "cached": cached,
+    return {"texts": texts, "batched": batched,
+            "ll": lm.loglikelihood(ll, disable_tqdm=True), "cached": cached,
             "full": full, "chat": lm.apply_chat_template(HISTORY)}
 
 
@@ -118,7 +121,9 @@ def test_megatron_backend_matches_the_hf_backend(models, tp):
     assert mine["cached"] == mine["full"]
     assert all(len(ids) > 0 for ids in mine["cached"])
     assert mine["texts"] == reference["texts"]
+    assert mine["batched"] == reference["texts"]
     assert ranks_stopped[0]["texts"] == stopped["texts"]
+    assert ranks_stopped[0]["batched"] == stopped["texts"]
     for p, text in zip(PROMPTS, stopped["texts"]):
         if p in stops:
             full = reference["texts"][PROMPTS.index(p)]

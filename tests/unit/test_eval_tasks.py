@@ -38,6 +38,8 @@ MATH_FIXTURES = {
     "gsm8k": ("gsm8k.jsonl", [{"question": "48 clips plus 24?",
                                "answer": "48 + 24 = <<48+24=72>>72\n#### 72"},
                               {"question": "Twelve dozen?", "answer": "12*12=144\n#### 144"}]),
+    "local_math": ("local_math.jsonl", [{"question": "Start with 4. Apply double.",
+                                         "answer": "8"}]),
 }
 
 
@@ -114,6 +116,11 @@ def test_load_docs_normalises_math_records(data_dir):
     assert benchmarks.load_docs("gsm8k", data_file=alpaca)[0] == {
         "instruction": "Add these.", "input": "2 and 2", "question": "Add these.\n\n2 and 2",
         "answer": "4.0"}
+
+
+def test_local_math_without_a_data_dir_names_the_file_it_needs():
+    with pytest.raises(UserError, match="local files only.*local_math.jsonl"):
+        benchmarks.load_docs("local_math")
 
 
 # --- (b) offline scoring of predictions files ------------------------------------------------

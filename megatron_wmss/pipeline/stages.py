@@ -1,0 +1,330 @@
+"""The stages of ``wmss run`` and how each one runs on every rank.
+
+A stage has an id (``seed1/joint``, ``shared/entropy_m0``), a kind (sft, joint, entropy,
+select, extract, eval), a directory ``RUN_DIR/<id>`` and a completion marker
+``RUN_DIR/stages/<id>.json`` written by rank 0, atomically, once the stage is complete on every
+rank. A rerun skips marked stages; an unmarked one starts again and resumes what it left (the
+trainer from its last checkpoint, the entropy pass from its finished shards; selection,
+extraction and evaluation are redone whole). Each stage seeds torch, numpy and random from
+its run's seed before it starts, so a stage run after a kill computes what it would have
+computed in one go.
+
+Round t of K (WMSS.md §5): entropies of M_{t-1} and M_t → selection → joint training with
+strong M_t, weak M_{t-1} → extraction of M_{t+1}. M0 is the base, M1 phase 1's SFT model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_wmss.pipeline.config import PipelineConfig
+
+__all__ = ["PREEMPTED", "Stage", "model_path", "plan_stages", "run_stages"]
+
+PREEMPTED = 75  # the trainer's preemption exit code (training.signals)
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str
+    """sft | joint | entropy | select | extract | eval"""
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    label: str = ""
+    """Row of the report for eval stages (base, sft_1epoch, sft_baseline, wmss, <control>)."""
+
+    def directory(self, root: Path) -> Path:
+        return root / self.id
+
+    def marker(self, root: Path) -> Path:
+        return root / "stages" / f"{self.id}.json"
+
+
+def _merge(base: dict, *updates: dict) -> dict:
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def plan_stages(config: PipelineConfig) -> list[Stage]:
+    """Every stage of the run, in the order they run (dependencies first)."""
+    K = config.iterations
+    stages: list[Stage] = [Stage("shared/entropy_m0", "entropy", {"model": "base"})]
+    for seed in config.seeds:
+        s = f"seed{seed}"
+        add = lambda id_, kind, label="", **params: stages.append(  # noqa: E731
+            Stage(f"{s}/{id_}", kind, params, seed, label))
+        add("sft", "sft", init="base", epochs=1)                          # M1
+        models = {0: "base", 1: f"{s}/sft"}
+        entropies = {0: "shared/entropy_m0"}
+        for t in range(1, K + 1):
+            entropies[t] = f"{s}/entropy_m{t}"
+            add(f"entropy_m{t}", "entropy", model=models[t])
+            add(f"select{t}", "select", weak=entropies[t - 1], strong=entropies[t])
+            add(f"joint{t}", "joint", strong=models[t], weak=models[t - 1],
+                active_set=f"{s}/select{t}")
+            add(f"extract{t}", "extract", joint=f"{s}/joint{t}")
+            models[t + 1] = f"{s}/extract{t}"
+        add("baseline", "sft", init="base", epochs=1 + K)
+        for control in config.controls:
+            if control == "temperature":
+                lam = (config.joint.get("mix") or {}).get("mix_lambda", 0.5)
+                add(control, "sft", init=models[1], epochs=1, active_set=f"{s}/select1",
+                    loss={"logit_scale": lam})
+            elif control == "wdds_only":
+                add(control, "sft", init=models[1], epochs=1, active_set=f"{s}/select1")
+            elif control == "sft_fresh_optimizer":
+                add(control, "sft", init=models[1], epochs=1)
+            elif control == "label_smoothing":
+                add(control, "sft", init="base", epochs=1 + K,
+                    loss={"label_smoothing": config.label_smoothing})
+            elif control == "wdjt_only":
+                add(control, "joint", strong=models[1], weak="base")
+                add(f"{control}_extract", "extract", joint=f"{s}/{control}")
+            elif control == "frozen_weak":
+                add(control, "joint", strong=models[1], weak="base",
+                    active_set=f"{s}/select1", mix={"freeze_weak": True})
+                add(f"{control}_extract", "extract", joint=f"{s}/{control}")
+        if seed == config.seeds[0]:  # evaluations after training: no lm-eval before then
+            stages.append(Stage("shared/eval_base", "eval", {"model": "base"}, label="base"))
+        add("eval_sft", "eval", "sft_1epoch", model=f"{s}/sft")
+        add("eval_baseline", "eval", "sft_baseline", model=f"{s}/baseline")
+        add("eval_wmss", "eval", "wmss", model=models[K + 1])
+        for control in config.controls:
+            trained = f"{s}/{control}_extract" if control in ("wdjt_only", "frozen_weak") \
+                else f"{s}/{control}"
+            add(f"eval_{control}", "eval", control, model=trained)
+    return stages
+
+
+def model_path(config: PipelineConfig, ref: str) -> str:
+    """The model a stage reference names: the base, a training stage's newest complete
+    checkpoint, or an extraction's output."""
+    from megatron_wmss.training.state import find_resume_checkpoint
+
+    path = Path(config.base) if ref == "base" else config.root / ref
+    if ref != "base" and (path / "model").is_dir():
+        return str(path / "model")
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "metadata.json").is_file() or (candidate / "config.json").is_file():
+            return str(candidate)
+        if (candidate / "latest").is_file():
+            found = find_resume_checkpoint(candidate)
+            if found is not None:
+                return str(found)
+    raise FileNotFoundError(f"no model in {path} (stage {ref} did not finish?)")
+
+
+# --- running --------------------------------------------------------------------------------
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _layout(tp: int, pp: int):
+    """megatron's parallel state at ``tp`` x ``pp`` for one stage (the process group stays)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    yield
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _recipe(config: PipelineConfig, stage: Stage):
+    from megatron_wmss.training.recipe import build_recipe
+
+    p, kind = stage.params, stage.kind
+    fixed: dict = {"trainer": {"epochs": p["epochs"] if "epochs" in p else 1,
+                               "seed": stage.seed, "run_dir": str(stage.directory(config.root))},
+                   "data": {"seed": stage.seed,
+                            "active_set": (str(config.root / p["active_set"] / "active_set.jsonl")
+                                           if p.get("active_set") else None)}}
+    if kind == "sft":
+        fixed["init"] = {"model": model_path(config, p["init"])}
+        if p.get("loss"):
+            fixed["loss"] = p["loss"]
+        raw = _merge(config.training, config.sft, fixed)
+    else:
+        fixed["init"] = {"strong": model_path(config, p["strong"]),
+                         "weak": model_path(config, p["weak"])}
+        if p.get("mix"):
+            fixed["mix"] = p["mix"]
+        raw = _merge(config.training, config.joint, fixed)
+    # An init checkpoint carries the architecture; the shared section may still restate it.
+    return build_recipe(kind, raw)
+
+
+def _tokenizer_path(config: PipelineConfig) -> Optional[str]:
+    return (config.training.get("tokenizer") or {}).get("path")
+
+
+def _run_training(config: PipelineConfig, stage: Stage) -> dict:
+    from megatron_wmss.training.trainer import run_training
+
+    recipe = _recipe(config, stage)
+    with _layout(recipe.parallel.tensor_model_parallel_size,
+                 recipe.parallel.pipeline_model_parallel_size):
+        code = run_training(recipe)
+    if code != 0:
+        raise _StageStopped(code)
+    return {"checkpoint": model_path(config, stage.id),
+            "metrics": str(stage.directory(config.root) / "metrics.jsonl")}
+
+
+def _run_entropy(config: PipelineConfig, stage: Stage) -> dict:
+    from megatron_wmss.config.recipe import build_dataclass
+    from megatron_wmss.curriculum.entropy import EntropyJob, compute_entropies
+    from megatron_wmss.data.config import DataConfig, TokenizerConfig
+
+    data = _merge(config.training["data"], {"micro_batch_size": config.entropy.micro_batch_size,
+                                           "shuffle": False, "active_set": None})
+    out = stage.directory(config.root) / "entropy.jsonl"
+    tokenizer = _tokenizer_path(config)
+    job = EntropyJob(model=model_path(config, stage.params["model"]),
+                     data=build_dataclass(DataConfig, data, "training.data"), out=str(out),
+                     tokenizer=TokenizerConfig(path=tokenizer) if tokenizer else None,
+                     shard_size=config.entropy.shard_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _layout(config.entropy.tensor_model_parallel_size,
+                 config.entropy.pipeline_model_parallel_size):
+        compute_entropies(job)
+    return {"entropies": str(out)}
+
+
+def _run_select(config: PipelineConfig, stage: Stage) -> dict:
+    from megatron_wmss.curriculum.select import SelectionConfig, run_select
+
+    out = stage.directory(config.root)
+    summary = None
+    if _rank() == 0:
+        entropy = lambda ref: str(config.root / ref / "entropy.jsonl")  # noqa: E731
+        summary = run_select(entropy(stage.params["weak"]), entropy(stage.params["strong"]), out,
+                             SelectionConfig(**config.selection, seed=stage.seed),
+                             overwrite=True)
+    _barrier()
+    return {"active_set": str(out / "active_set.jsonl"),
+            "unique_kept": summary["unique_kept"] if summary else None,
+            "fraction_kept": summary["fraction_kept"] if summary else None}
+
+
+def _run_extract(config: PipelineConfig, stage: Stage) -> dict:
+    from megatron_wmss.interop.convert import extract_megatron
+
+    out = stage.directory(config.root) / "model"
+    with _layout(1, 1):
+        extract_megatron(model_path(config, stage.params["joint"]), out, which="strong",
+                         overwrite=True)
+    _barrier()
+    return {"model": str(out)}
+
+
+def _run_eval(config: PipelineConfig, stage: Stage) -> dict:
+    from megatron_wmss.evaluation.runner import EvalJob, check_job, evaluate_rank, model_kind
+
+    settings = config.eval
+    model = model_path(config, stage.params["model"])
+    megatron = model_kind(model) == "megatron"
+    job = EvalJob(model=model, tasks=list(settings.tasks),
+                  out=str(stage.directory(config.root) / "eval"),
+                  backend="megatron" if megatron else "hf", data_dir=settings.data_dir,
+                  limit=settings.limit, max_new_tokens=settings.max_new_tokens,
+                  tp=settings.tensor_model_parallel_size if megatron else 1,
+                  tokenizer=_tokenizer_path(config) if megatron else None,
+                  batch_size=settings.batch_size,
+                  generate_batch_size=settings.generate_batch_size if megatron else 1,
+                  seed=settings.seed, label=stage.label, overwrite=True)
+    job = check_job(job)
+    if megatron:
+        with _layout(settings.tensor_model_parallel_size, 1):
+            summary = evaluate_rank(job)
+    else:  # an HF base: lm-eval's own backend, on rank 0
+        from megatron_wmss.evaluation.runner import run_eval
+
+        summary = run_eval(job) if _rank() == 0 else None
+        _barrier()
+    if summary is None:
+        return {}
+    return {"model": model, "label": stage.label,
+            "scores": {task: v["score"] for task, v in summary["tasks"].items()},
+            "n": {task: v["n"] for task, v in summary["tasks"].items()}}
+
+
+_RUNNERS = {"sft": _run_training, "joint": _run_training, "entropy": _run_entropy,
+            "select": _run_select, "extract": _run_extract, "eval": _run_eval}
+
+
+class _StageStopped(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def read_marker(config: PipelineConfig, stage: Stage) -> Optional[dict]:
+    path = stage.marker(config.root)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
+    """Run every unmarked stage on this rank (all ranks call it); 0 when all are done, the
+    trainer's code (75: preempted, 3: non-finite) when a training stage stopped early."""
+    from megatron_wmss.platform.files import write_file_atomic
+
+    for number, stage in enumerate(stages, 1):
+        where = f"wmss run: [{number}/{len(stages)}] {stage.id} ({stage.kind})"
+        if read_marker(config, stage) is not None:
+            if _rank() == 0:
+                print(f"{where}: done, skipped", file=sys.stderr, flush=True)
+            continue
+        if _rank() == 0:
+            print(f"{where}", file=sys.stderr, flush=True)
+        _seed_everything(stage.seed)
+        stage.directory(config.root).mkdir(parents=True, exist_ok=True)
+        try:
+            result = _RUNNERS[stage.kind](config, stage)
+        except _StageStopped as stop:
+            return stop.code
+        _barrier()
+        if _rank() == 0:
+            marker = stage.marker(config.root)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(marker, json.dumps({"stage": stage.id, "kind": stage.kind,
+                                                  "seed": stage.seed, "label": stage.label,
+                                                  "params": stage.params, "result": result},
+                                                 indent=2) + "\n")
+        _barrier()
+    return 0

@@ -1,0 +1,79 @@
+"""``wmss run`` configs and stage plans: the shipped configs load, the plan wires each stage to
+the models WMSS.md §5 names, and bad configs fail in one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_wmss.config.recipe import RecipeError
+from megatron_wmss.pipeline import CONTROLS, load_pipeline
+from megatron_wmss.pipeline.stages import plan_stages
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def base(tmp_path) -> str:
+    (tmp_path / "base").mkdir()
+    return str(tmp_path / "base")
+
+
+@pytest.mark.parametrize("name", ["examples/demo/demo.yaml",
+                                  "examples/recipes/paper-qwen3-4b.yaml"])
+def test_shipped_configs_load(name, base):
+    config = load_pipeline(str(REPO / name), [f"base={base}"])
+    assert config.iterations == 1 and config.seeds
+    assert plan_stages(config)[0].id == "shared/entropy_m0"
+
+
+def test_one_round_wires_m0_m1_and_the_baseline_epochs(base):
+    config = load_pipeline(str(REPO / "examples/demo/demo.yaml"), [f"base={base}", "seeds=[5]"])
+    stages = {s.id: s for s in plan_stages(config)}
+    assert stages["seed5/sft"].params == {"init": "base", "epochs": 1}
+    assert stages["seed5/select1"].params == {"weak": "shared/entropy_m0",
+                                              "strong": "seed5/entropy_m1"}
+    assert stages["seed5/joint1"].params == {"strong": "seed5/sft", "weak": "base",
+                                             "active_set": "seed5/select1"}
+    assert stages["seed5/eval_wmss"].params == {"model": "seed5/extract1"}
+    assert stages["seed5/baseline"].params["epochs"] == 2
+    # The temperature control: the strong model's logits scaled by λ, from M1, active set.
+    assert stages["seed5/temperature"].params == {
+        "init": "seed5/sft", "epochs": 1, "active_set": "seed5/select1",
+        "loss": {"logit_scale": 0.5}}
+    order = list(stages)
+    assert order.index("seed5/extract1") < order.index("seed5/eval_wmss")
+
+
+def test_iterations_make_round_t_train_strong_mt_with_weak_mt_minus_1(base):
+    config = load_pipeline(str(REPO / "examples/demo/demo.yaml"),
+                           [f"base={base}", "seeds=[1]", "controls=[]"], iterations=3)
+    stages = {s.id: s for s in plan_stages(config)}
+    assert stages["seed1/joint2"].params == {"strong": "seed1/extract1", "weak": "seed1/sft",
+                                             "active_set": "seed1/select2"}
+    assert stages["seed1/select3"].params == {"weak": "seed1/entropy_m2",
+                                              "strong": "seed1/entropy_m3"}
+    assert stages["seed1/eval_wmss"].params == {"model": "seed1/extract3"}
+    assert stages["seed1/baseline"].params["epochs"] == 4  # 1 + K, the same total
+
+
+def test_ablations_add_every_control(base):
+    config = load_pipeline(str(REPO / "examples/demo/demo.yaml"), [f"base={base}", "seeds=[1]"],
+                           ablations=True)
+    evals = {s.label for s in plan_stages(config) if s.kind == "eval"}
+    assert evals == {"base", "sft_1epoch", "sft_baseline", "wmss", *CONTROLS}
+
+
+@pytest.mark.parametrize("override,message", [
+    (["seedz=[1]"], "unknown key seedz; did you mean seeds"),
+    (["controls=[fancy]"], "controls: unknown"),
+    (["iterations=2"], "controls compare with one round"),
+    (["seeds=[1, 1]"], "seeds lists a seed twice"),
+    (["selection.seed=3"], "selection.seed is each run's seed"),
+    (["eval.tasks=[]"], "eval.tasks must be a non-empty list"),
+    (["base=/nonexistent/m0"], "base: /nonexistent/m0 does not exist"),
+])
+def test_bad_configs_name_the_key(override, message, base):
+    with pytest.raises(RecipeError, match=message):
+        load_pipeline(str(REPO / "examples/demo/demo.yaml"), [f"base={base}", *override])
