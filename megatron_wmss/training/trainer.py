@@ -146,20 +146,28 @@ def _load_init_weights(setup, recipe: Recipe, inits: dict) -> None:
     setup.weights_changed()  # bf16 runs: the optimizer's fp32 copies follow the loaded weights
 
 
-def _metadata_writer(cfg, inits: dict):
+def _metadata_writer(cfg, inits: dict, staging: Path):
     """What each checkpoint carries beside its weights: the init checkpoint's description
-    (HF config and tokenizer included), else one of our own."""
+    (HF config and tokenizer included), else one of our own. The description is copied to
+    ``staging`` at the first save: a resumed run's source is its resume checkpoint, which
+    ``keep_last`` deletes once newer ones exist."""
     from megatron_wmss.interop.metadata import MODEL_FILE, copy_model_metadata, \
         write_model_metadata
 
     source = next((p for p in inits.values() if p is not None and (Path(p) / MODEL_FILE).is_file()),
                   None)
+    staged = []
 
     def write(directory: Path) -> None:
-        if source is not None:
-            copy_model_metadata(source, directory)
-        else:
+        if source is None:
             write_model_metadata(directory, cfg)
+            return
+        if not staged:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            copy_model_metadata(source, staging)
+            staged.append(staging)
+        copy_model_metadata(staging, directory)
 
     return write
 
@@ -287,7 +295,8 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
     else:
         _load_init_weights(setup, recipe, inits)
         state = TrainState(data_seed=data_cfg.seed, total_steps=total)
-    metadata_writer = _metadata_writer(cfg, {"resume": str(resume)} if resume else inits)
+    metadata_writer = _metadata_writer(cfg, {"resume": str(resume)} if resume else inits,
+                                       run_dir / ".model_metadata")
 
     loader = build_sft_loader(data, data_cfg, pad_id=tokenizer.pad_id, dp_rank=dp_rank,
                               dp_size=dp, consumed_samples=state.consumed_samples,
