@@ -190,6 +190,10 @@ def load_pipeline(path: Optional[str], overrides=(), *, run_dir: Optional[str] =
             label_smoothing=raw.get("label_smoothing", 0.1))
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    from megatron_wmss.curriculum.select import SelectionConfig
+
+    # Checked now, not when the first selection runs (its seed is each run's).
+    build_dataclass(SelectionConfig, {**config.selection, "seed": 0}, "selection")
     if not Path(config.base).exists():
         raise RecipeError(f"base: {config.base} does not exist (the base model M0: a megatron "
                           "checkpoint, a training run's checkpoints/ directory, or an HF "

@@ -72,6 +72,8 @@ def test_ablations_add_every_control(base):
     (["seeds=[1, 1]"], "seeds lists a seed twice"),
     (["selection.seed=3"], "selection.seed is each run's seed"),
     (["eval.tasks=[]"], "eval.tasks must be a non-empty list"),
+    (["selection.formula=magic"], "formula"),
+    (["selection.alhpa=0.2"], "alhpa"),
     (["base=/nonexistent/m0"], "base: /nonexistent/m0 does not exist"),
 ])
 def test_bad_configs_name_the_key(override, message, base):
