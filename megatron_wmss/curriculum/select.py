@@ -386,7 +386,7 @@ def write_selection(out: str | os.PathLike, selection: Selection, summary: dict,
                     overwrite: bool = False) -> None:
     """Publish ``out`` (atomically; an existing one only with ``overwrite``) with the three
     files of the module doc."""
-    from megatron_wmss.curriculum.png import write_histograms_png
+    from megatron_wmss.curriculum.figures import write_selection_png
 
     with publishing_directory(out, overwrite, tag="select") as tmp:
         with open(tmp / ACTIVE_SET_FILE, "w", encoding="utf-8") as f:
@@ -394,10 +394,8 @@ def write_selection(out: str | os.PathLike, selection: Selection, summary: dict,
         with open(tmp / SUMMARY_FILE, "w", encoding="utf-8") as f:
             json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
             f.write("\n")
-        write_histograms_png(str(tmp / WEIGHTS_PNG), [
-            (f"sampling weight p ({selection.config.formula}, n = {selection.idx.size})",
-             selection.weights),
-            ("delta H = H_strong - H_weak (nats)", selection.delta)])
+        write_selection_png(tmp / WEIGHTS_PNG, selection.weights, selection.delta,
+                            formula=selection.config.formula)
 
 
 def run_select(weak_path: str | os.PathLike, strong_path: str | os.PathLike,
