@@ -30,12 +30,15 @@ endif
 	touch $(STAMP)
 
 # The whole method on a synthetic task, on CPU (examples/demo/): prints the report's path.
+# SEEDS=N: seeds 1..N instead of demo.yaml's `seeds: 3` (finished seeds are reused).
+SEEDS ?=
+DEMO_SEEDS := $(if $(SEEDS),seeds=$(SEEDS))
 demo: $(STAMP)
-	$(PY) examples/demo/run_demo.py
+	$(PY) examples/demo/run_demo.py $(DEMO_SEEDS)
 
 # The same run plus the six controls (wmss run --ablations); finished stages are reused.
 ablations: $(STAMP)
-	$(PY) examples/demo/run_demo.py --ablations
+	$(PY) examples/demo/run_demo.py --ablations $(DEMO_SEEDS)
 
 # pytest exits 5 when it collected no test: say so plainly, and fail.
 test: $(STAMP)

@@ -6,7 +6,8 @@
 2. trains a SentencePiece tokenizer on it;
 3. pre-trains the tiny base model briefly (examples/demo/base.yaml): the weak model M0;
 4. runs ``wmss run examples/demo/demo.yaml`` (extra arguments are passed on, e.g.
-   ``--ablations``, ``seeds=[1]``), which prints the report's path.
+   ``--ablations``; ``seeds=10`` runs seeds 1..10 instead of the config's 3, reusing the
+   seeds already finished), which prints the report's path.
 
 Every step is skipped when its output exists, so a rerun (after a kill, too) resumes.
 """

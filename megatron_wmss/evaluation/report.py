@@ -1,4 +1,5 @@
-"""``wmss eval report RUN_DIR... --out DIR``: several ``wmss eval`` runs side by side.
+"""``wmss eval report RUN_DIR... --out DIR [--baseline RUN_DIR]``: ``wmss eval`` runs side by
+side, and with ``--baseline`` each run's difference to the baseline with a 95% interval.
 
 Reads each run's ``summary.json`` (what the run itself measured; nothing is recomputed or
 typed in) and publishes ``DIR`` atomically with:
@@ -7,7 +8,12 @@ typed in) and publishes ``DIR`` atomically with:
   tasks every run has;
 - ``report.json``: ``{"runs": [...], "tasks": [...], "scores": {task: {label: entry}}}`` with
   each run's entry as its summary wrote it (``metric``, ``score`` in [0, 1], ``n``, ...);
-- ``report.png``: grouped bars, one group per task, one bar per run.
+  with ``--baseline`` also ``"baseline"`` (its label) and ``"comparisons"``: ``{task: {label:
+  {difference, interval, level, method, n_resamples, verdict, n_problems}}}``, run − baseline
+  by the paired bootstrap over problems of :mod:`megatron_wmss.evaluation.stats`, paired on
+  the doc ids of ``predictions/<task>.jsonl`` (a task whose doc ids differ is an error);
+- ``report.png``: grouped bars, one group per task, one bar per run
+  (:mod:`megatron_wmss.evaluation.figures`).
 
 A run is named by its ``--label`` (default: the model directory's name); repeated names get
 ``#2``, ``#3``. Scores over different numbers of problems (``--limit``) are flagged, not
@@ -20,15 +26,14 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from megatron_wmss.platform.errors import ArgumentParser, UserError, run_command
 
-__all__ = ["build_report", "load_run", "render_chart", "report_main", "write_report"]
+__all__ = ["build_report", "load_problem_scores", "load_run", "report_main", "write_report"]
 
-_PALETTE = [(70, 110, 180), (220, 120, 40), (80, 160, 80), (190, 60, 60), (130, 90, 170),
-            (120, 120, 120), (40, 160, 170), (200, 170, 40)]
 MEAN_ROW = "mean"
 
 
@@ -48,6 +53,59 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     return summary
 
 
+def load_problem_scores(run_dir: str | os.PathLike, task: str) -> Optional[dict[int, float]]:
+    """``{doc_id: 1.0 or 0.0}`` of one task of a ``wmss eval`` run: the ``correct`` of each row
+    of ``predictions/<task>.jsonl`` (the first sample's, which the task's score averages).
+    None when the run has no such file; UserError naming the line of a malformed row."""
+    path = Path(run_dir) / "predictions" / f"{task}.jsonl"
+    if not path.is_file():
+        return None
+    scores: dict[int, float] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            doc_id, correct = row["doc_id"], row["correct"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path} line {lineno}: not a predictions row of `wmss eval` "
+                            f"(doc_id and correct; {err!r})") from None
+        if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id in scores:
+            raise UserError(f"{path} line {lineno}: doc_id {doc_id!r} is not an integer or "
+                            "appears twice")
+        scores[doc_id] = float(correct)
+    return scores
+
+
+def _comparisons(run_dirs: Sequence, summaries: Sequence[dict], labels: list[str],
+                 tasks: list[str], baseline: int) -> dict:
+    """``{task: {label: comparison}}``: every other run minus the baseline, per task both have."""
+    from megatron_wmss.evaluation.stats import compare_problems, paired_differences
+
+    out: dict = {}
+    base_label = labels[baseline]
+    for task in tasks:
+        others = [i for i, s in enumerate(summaries) if i != baseline and task in s["tasks"]]
+        if task not in summaries[baseline]["tasks"] or not others:
+            continue
+        base = _problem_scores(run_dirs[baseline], base_label, task)
+        for i in others:
+            other = _problem_scores(run_dirs[i], labels[i], task)
+            d = paired_differences(other, base, task=task, names=(labels[i], base_label))
+            entry = compare_problems({"all": [d]}).to_dict()
+            del entry["per_seed"]  # one unseeded pair: the difference itself
+            out.setdefault(task, {})[labels[i]] = entry
+    return out
+
+
+def _problem_scores(run_dir, label: str, task: str) -> dict[int, float]:
+    scores = load_problem_scores(run_dir, task)
+    if scores is None:
+        raise UserError(f"task {task}: run {label} ({run_dir}) has no predictions/{task}.jsonl "
+                        "(per-problem results), which --baseline needs; rerun `wmss eval`")
+    return scores
+
+
 def _labels(summaries: Sequence[dict]) -> list[str]:
     labels, seen = [], {}
     for summary in summaries:
@@ -57,10 +115,19 @@ def _labels(summaries: Sequence[dict]) -> list[str]:
     return labels
 
 
-def build_report(run_dirs: Sequence[str | os.PathLike]) -> dict:
-    """The content of ``report.json`` for ``run_dirs`` (in the order given)."""
+def build_report(run_dirs: Sequence[str | os.PathLike],
+                 baseline: Optional[str | os.PathLike] = None) -> dict:
+    """The content of ``report.json`` for ``run_dirs`` (in the order given). ``baseline``: one
+    of them, or another run directory (then reported first), that every run is compared with."""
     if not run_dirs:
         raise UserError("no run directories given; pass one or more `wmss eval --out` DIRs")
+    run_dirs = list(run_dirs)
+    base_index = None
+    if baseline is not None:
+        same = [i for i, d in enumerate(run_dirs) if Path(d).resolve() == Path(baseline).resolve()]
+        if not same:
+            run_dirs.insert(0, baseline)
+        base_index = same[0] if same else 0
     summaries = [load_run(d) for d in run_dirs]
     labels = _labels(summaries)
     tasks: list[str] = []
@@ -74,8 +141,12 @@ def build_report(run_dirs: Sequence[str | os.PathLike]) -> dict:
     runs = [{"label": label, "run_dir": str(d), "model": s.get("model"),
              "backend": s.get("backend"), "preset": s.get("preset"), "limit": s.get("limit")}
             for label, d, s in zip(labels, run_dirs, summaries)]
-    return {"runs": runs, "tasks": tasks, "scores": scores,
-            "mean": {"tasks": shared, "score": mean}}
+    report = {"runs": runs, "tasks": tasks, "scores": scores,
+              "mean": {"tasks": shared, "score": mean}}
+    if base_index is not None:
+        report["baseline"] = labels[base_index]
+        report["comparisons"] = _comparisons(run_dirs, summaries, labels, tasks, base_index)
+    return report
 
 
 def _percent(value: float) -> str:
@@ -112,6 +183,8 @@ def render_markdown(report: dict) -> str:
     if len(mean["tasks"]) > 1:
         lines.append(f"| **{MEAN_ROW}** | over {', '.join(mean['tasks'])} | "
                      + " | ".join(_percent(mean["score"][label]) for label in labels) + " |")
+    if "baseline" in report:
+        lines += _comparison_lines(report)
     lines += ["", "| run | model | backend | preset | limit |", "|---|---|---|---|---|"]
     lines += [f"| {r['label']} | `{r['model']}` | {r['backend']} | {r['preset']} | "
               f"{r['limit'] or '–'} |" for r in report["runs"]]
@@ -120,68 +193,43 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_chart(report: dict, *, group_width: int = 0, height: int = 360) -> np.ndarray:
-    """Grouped bars as an ``[h, w, 3]`` RGB image: a group per task (and the mean), a bar per
-    run with its score in % above it, a legend of the runs' labels."""
-    from megatron_wmss.platform.png import (ADVANCE, GLYPH_HEIGHT, INK, canvas, draw_text,
-                                            text_width)
+def _points(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
 
-    labels = [r["label"] for r in report["runs"]]
-    groups = [(t, report["scores"][t]) for t in report["tasks"]]
-    if len(report["mean"]["tasks"]) > 1:
-        groups.append((MEAN_ROW, {label: {"score": v}
-                                  for label, v in report["mean"]["score"].items()}))
-    bar = max(3 * ADVANCE + 4, 24)   # wide enough for "100" above it
-    group_width = group_width or max(len(labels) * bar + 2 * ADVANCE,
-                                     max(text_width(name) for name, _ in groups) + ADVANCE)
-    left, top = 50, 40
-    plot_bottom = top + height - 80
-    width = left + len(groups) * group_width + 20
-    width = max(width, left + max(text_width(label) for label in labels) + 60)
-    image = canvas(plot_bottom + 30 + len(labels) * (GLYPH_HEIGHT + 8) + 10, width)
-    draw_text(image, 10, 10, "score (%) by task")
-    span = plot_bottom - top
-    for tick in (0, 50, 100):
-        y = plot_bottom - span * tick // 100
-        image[y, left - 4:left] = INK
-        draw_text(image, left - 8 - text_width(str(tick)), y - GLYPH_HEIGHT // 2, str(tick))
-    for g, (name, entries) in enumerate(groups):
-        x0 = left + g * group_width + ADVANCE
-        for i, label in enumerate(labels):
-            if label not in entries:
-                continue
-            score = min(max(float(entries[label]["score"]), 0.0), 1.0)
-            h = int(round(span * score))
-            xs = x0 + i * bar
-            image[plot_bottom - h:plot_bottom, xs:xs + bar - 4] = _PALETTE[i % len(_PALETTE)]
-            value = f"{100 * score:.0f}"
-            draw_text(image, xs, plot_bottom - h - GLYPH_HEIGHT - 3, value)
-        draw_text(image, left + g * group_width + ADVANCE, plot_bottom + 8, name)
-    image[plot_bottom, left - 1:width - 10] = INK
-    image[top:plot_bottom + 1, left - 1] = INK
-    for i, label in enumerate(labels):
-        y = plot_bottom + 30 + i * (GLYPH_HEIGHT + 8)
-        image[y:y + GLYPH_HEIGHT, left:left + GLYPH_HEIGHT] = _PALETTE[i % len(_PALETTE)]
-        draw_text(image, left + GLYPH_HEIGHT + 8, y, label)
-    return image
+
+def _comparison_lines(report: dict) -> list[str]:
+    """The table of differences to the baseline, and the method once."""
+    lines = ["", f"Run − baseline **{report['baseline']}**, in points, with its 95% interval "
+             "and the verdict the interval gives:", "",
+             "| task | run | difference | 95% interval | verdict |", "|---|---|---|---|---|"]
+    methods: list[str] = []
+    for task, entries in report["comparisons"].items():
+        for label, c in entries.items():
+            low, high = c["interval"]
+            lines.append(f"| {task} | {label} | {_points(c['difference'])} | "
+                         f"{_points(low)} to {_points(high)} | {c['verdict']} |")
+            methods += [c["method"]] if c["method"] not in methods else []
+    if not methods:
+        return lines[:2] + [f"No other run has a task of the baseline {report['baseline']}."]
+    return lines + [""] + [f"Interval: {m}." for m in methods]
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, baseline: Optional[str | os.PathLike] = None) -> dict:
     """Publish ``out`` with report.md, report.json and report.png; returns the report."""
+    from megatron_wmss.evaluation.figures import write_scores_png
     from megatron_wmss.platform.files import publishing_directory
-    from megatron_wmss.platform.png import write_png
 
-    report = build_report(run_dirs)
+    report = build_report(run_dirs, baseline)
     with publishing_directory(out, overwrite, tag="report") as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
-        write_png(tmp / "report.png", render_chart(report))
+        write_scores_png(tmp / "report.png", report)
     return report
 
 
 def report_main(argv: Sequence[str]) -> int:
-    """``wmss eval report RUN_DIR... --out DIR [--overwrite]``."""
+    """``wmss eval report RUN_DIR... --out DIR [--baseline RUN_DIR] [--overwrite]``."""
     parser = ArgumentParser(
         prog="wmss eval report",
         description="Compare `wmss eval` run directories: a table (report.md, report.json) "
@@ -190,10 +238,14 @@ def report_main(argv: Sequence[str]) -> int:
                         help="directories written by `wmss eval --out`")
     parser.add_argument("--out", required=True, help="report directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--baseline", default=None, metavar="RUN_DIR",
+                        help="compare every run with this one (one of RUN_DIR, or another): "
+                        "per task, the difference and its 95%% interval (paired bootstrap over "
+                        "problems, paired on doc ids) and the verdict it gives")
     args = parser.parse_args(list(argv))
 
     def body() -> None:
-        write_report(args.run_dirs, args.out, args.overwrite)
+        write_report(args.run_dirs, args.out, args.overwrite, args.baseline)
         print(f"wrote {Path(args.out) / 'report.md'}")
 
     return run_command(parser.prog, body)

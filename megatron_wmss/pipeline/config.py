@@ -2,7 +2,8 @@
 
     run_dir: runs/demo               # everything the run writes
     base: runs/base/checkpoints      # M0: megatron checkpoint (or a run's checkpoints/) or HF dir
-    seeds: [1, 2, 3]                 # one method run (and baseline) per seed
+    seeds: 3                         # one method run (and baseline) per seed: N means
+                                     # seeds 1..N; or a list, e.g. [1, 2, 3]
     iterations: 1                    # K > 1: round t trains strong M_t with weak M_{t-1}
     training: {...}                  # recipe sections every training stage shares (parallel,
                                      # optim, memory, data, tokenizer, trainer, model)
@@ -110,7 +111,8 @@ class PipelineConfig:
     """SelectionConfig fields (formula, alpha, beta, gamma, dedupe, ...); seed: each run's."""
     eval: EvalSettings = field(default_factory=EvalSettings)
     seeds: list = field(default_factory=lambda: [1234])
-    """One method run, baseline and control set per seed (trainer, data order, selection)."""
+    """One method run, baseline and control set per seed (trainer, data order, selection).
+    An int N is the seed count: seeds 1..N."""
     iterations: int = 1
     """K: rounds of phases 2-3 (round t: strong M_t, weak M_{t-1})."""
     controls: list = field(default_factory=list)
@@ -119,9 +121,14 @@ class PipelineConfig:
     """ε of the label_smoothing control."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
+            if self.seeds < 1:
+                raise ValueError(f"seeds: a seed count must be >= 1, got {self.seeds}")
+            self.seeds = list(range(1, self.seeds + 1))
         if not isinstance(self.seeds, list) or not self.seeds or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of ints >= 0, got {self.seeds!r}")
+            raise ValueError(f"seeds must be a seed count >= 1 or a non-empty list of ints "
+                             f">= 0, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds lists a seed twice: {self.seeds}")
         _positive("iterations", self.iterations)

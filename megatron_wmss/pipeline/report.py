@@ -2,19 +2,20 @@
 
 Every number is read from the stage outputs of this run (completion markers, metrics.jsonl,
 selection summaries): nothing is recomputed or timed here, so a run that was killed and
-resumed writes the same report as one that ran straight through.
+resumed writes the same report as one that ran straight through. The verdicts' 95% intervals
+come from the per-problem results each evaluation wrote (``predictions/<task>.jsonl``), by the
+paired bootstrap of :mod:`megatron_wmss.evaluation.stats` with a seeded RNG.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Optional
 
 from megatron_wmss.pipeline.config import CONTROLS, PipelineConfig
-from megatron_wmss.pipeline.plots import COLORS, write_lines_png
+from megatron_wmss.pipeline.plots import COLORS, Panel, write_lines_png
 from megatron_wmss.pipeline.stages import plan_stages, read_marker
 from megatron_wmss.platform.files import write_file_atomic
 
@@ -22,8 +23,12 @@ __all__ = ["build_report", "render_markdown", "write_report"]
 
 ROW_NAMES = {"base": "base (M0)", "sft_1epoch": "SFT 1 epoch (M1)",
              "sft_baseline": "SFT, same epochs", "wmss": "WMSS"}
-_DIAGNOSTICS = (("margin", "logit margin z_y - mean z_k"),
-                ("nontarget", "non-target mass 1 - P(y)"), ("entropy", "entropy (nats)"))
+# (metrics key, panel title, y label with unit, the range the quantity can take)
+_DIAGNOSTICS = (
+    ("margin", "logit margin of the target", r"$z_y - \mathrm{mean}_{k \neq y}\, z_k$ (logits)",
+     (None, None)),
+    ("nontarget", "non-target mass", "1 − P(y) (probability)", (0.0, 1.0)),
+    ("entropy", "predictive entropy", "entropy (nats per token)", (0.0, None)))
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -42,6 +47,7 @@ def build_report(config: PipelineConfig) -> dict:
     """The report as a JSON-able dict (what report.json holds)."""
     stages = plan_stages(config)
     rows: dict[str, dict] = {}
+    eval_dirs: dict[tuple[str, str], Path] = {}   # (row label, seed) -> its `wmss eval` run
     for stage in stages:
         if stage.kind != "eval":
             continue
@@ -51,6 +57,7 @@ def build_report(config: PipelineConfig) -> dict:
         scores = marker["result"]["scores"]
         row = rows.setdefault(stage.label, {"per_seed": {}, "tasks": sorted(scores)})
         key = "shared" if stage.id.startswith("shared/") else str(stage.seed)
+        eval_dirs[stage.label, key] = stage.directory(config.root) / "eval"
         row["per_seed"][key] = {"scores": scores,
                                 "mean_over_tasks": statistics.fmean(scores.values()),
                                 "n": marker["result"]["n"]}
@@ -70,35 +77,58 @@ def build_report(config: PipelineConfig) -> dict:
             "active_set_fraction": select["result"]["fraction_kept"] if select else None,
             "active_set_unique": select["result"]["unique_kept"] if select else None,
         }
-    verdict = _verdict(rows, epochs)
+    verdict = _verdict(rows, epochs, eval_dirs)
     return {"config": config.to_dict(), "tasks": list(config.eval.tasks), "rows": rows,
             "training": training, "verdict": verdict,
             "controls": {c: CONTROLS[c] for c in config.controls}}
 
 
-def _verdict(rows: dict, epochs: int) -> dict:
+def _verdict(rows: dict, epochs: int, eval_dirs: dict) -> dict:
+    """WMSS against the SFT baseline and against the temperature control: per-seed differences,
+    a 95% interval (megatron_wmss.evaluation.stats) and the verdict it gives."""
     out: dict = {}
-    wmss, sft = rows.get("wmss"), rows.get("sft_baseline")
-    if wmss and sft:
-        seeds = sorted(set(wmss["per_seed"]) & set(sft["per_seed"]))
-        wins = sum(wmss["per_seed"][s]["mean_over_tasks"] > sft["per_seed"][s]["mean_over_tasks"]
-                   for s in seeds)
-        diff = wmss["mean"] - sft["mean"]
-        out["wmss_vs_sft"] = {"difference": diff, "seeds_won": wins, "seeds": len(seeds),
-                              "text": f"WMSS {'beats' if diff > 0 else 'does not beat'} SFT for "
-                              f"{epochs} epochs: {100 * wmss['mean']:.1f}% vs "
-                              f"{100 * sft['mean']:.1f}% held-out exact match (mean of "
-                              f"{len(seeds)} seeds, {diff * 100:+.1f} points; WMSS higher in "
-                              f"{wins} of {len(seeds)} seeds)"}
-    temp = rows.get("temperature")
-    if wmss and temp:
-        diff = wmss["mean"] - temp["mean"]
-        out["wmss_vs_temperature"] = {
-            "difference": diff,
-            "text": f"the temperature control CE(λ·z_strong) scores {100 * temp['mean']:.1f}% "
-                    f"against WMSS's {100 * wmss['mean']:.1f}% ({diff * 100:+.1f} points for the "
-                    "weak model)"}
+    for key, other, name in (("wmss_vs_sft", "sft_baseline", f"SFT for {epochs} epochs"),
+                             ("wmss_vs_temperature", "temperature",
+                              "the temperature control CE(λ·z_strong)")):
+        if "wmss" in rows and other in rows:
+            out[key] = _compare(rows, eval_dirs, "wmss", other, name)
     return out
+
+
+def _compare(rows: dict, eval_dirs: dict, a: str, b: str, name: str) -> dict:
+    """Row ``a`` − row ``b``, paired on seed and problem (doc id); a seed-only bootstrap when
+    a seed's per-problem results are missing."""
+    from megatron_wmss.evaluation.report import load_problem_scores
+    from megatron_wmss.evaluation.stats import compare_problems, compare_seeds, paired_differences
+
+    seeds = [s for s in rows[a]["per_seed"] if s in rows[b]["per_seed"]]
+    differences, missing = {}, []
+    for seed in seeds:
+        per_task = []
+        for task in rows[a]["tasks"]:
+            scores = [load_problem_scores(eval_dirs[label, seed], task) for label in (a, b)]
+            if None in scores:
+                missing.append(f"{task} of seed {seed}")
+                continue
+            per_task.append(paired_differences(*scores, task=task,
+                                               names=(f"{a} seed {seed}", f"{b} seed {seed}")))
+        differences[seed] = per_task
+    if missing:
+        mean = {label: {s: rows[label]["per_seed"][s]["mean_over_tasks"] for s in seeds}
+                for label in (a, b)}
+        comparison = compare_seeds({s: mean[a][s] - mean[b][s] for s in seeds},
+                                   reason=f"no per-problem results for {', '.join(missing)}")
+    else:
+        comparison = compare_problems(differences)
+    c = comparison.to_dict()
+    low, high = c["interval"]
+    interval = "no interval" if low is None else \
+        f"95% interval {100 * low:+.1f} to {100 * high:+.1f}"
+    per_seed = ", ".join(f"{100 * v:+.1f}" for v in c["per_seed"].values())
+    c["text"] = (f"WMSS against {name}: {c['verdict']}, {100 * c['difference']:+.1f} points, "
+                 f"{interval} ({100 * rows[a]['mean']:.1f}% vs {100 * rows[b]['mean']:.1f}% "
+                 f"held-out exact match, mean of {len(seeds)} seeds; per seed {per_seed})")
+    return c
 
 
 def _cell(value: Optional[float]) -> str:
@@ -110,9 +140,10 @@ def render_markdown(report: dict) -> str:
     tasks = report["tasks"]
     lines = ["# wmss run report", "",
              f"Held-out exact match (%), {', '.join(tasks)} (mean over tasks), greedy; "
-             f"{len(seeds)} seeds; mean ± std over seeds (n−1).", ""]
+             f"{len(seeds)} seeds; mean ± std over seeds (n−1). Verdicts: higher or lower "
+             "when the 95% interval of the difference excludes 0, else not resolved.", ""]
     for item in report["verdict"].values():
-        lines.append(f"- **{item['text']}**")
+        lines += [f"- **{item['text']}**", f"  - interval: {item['method']}."]
     lines += ["", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
               "|---|" + "---|" * (len(seeds) + 1)]
     for label, row in report["rows"].items():
@@ -194,12 +225,15 @@ def write_report(config: PipelineConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_file_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_file_atomic(out / "report.md", render_markdown(report))
-    write_lines_png(out / "loss.png", [("training loss (nats per token)",
-                                        _curves(config, "loss"))])
-    write_lines_png(out / "diagnostics.png", [(title, _curves(config, key))
-                                              for key, title in _DIAGNOSTICS])
+    write_lines_png(out / "loss.png", [Panel("loss (nats per token)", _curves(config, "loss"),
+                                             limits=(0.0, None))],
+                    title="Training loss: SFT baseline vs WMSS")
+    write_lines_png(out / "diagnostics.png",
+                    [Panel(ylabel, _curves(config, key), title=title, limits=limits)
+                     for key, title, ylabel, limits in _DIAGNOSTICS],
+                    title="Saturation diagnostics of the trained model (WMSS phase 3: strong)")
     for seed in config.seeds:
         weights = config.root / f"seed{seed}" / "select1" / "weights.png"
         if weights.is_file():
-            shutil.copyfile(weights, out / f"selection_weights_seed{seed}.png")
+            write_file_atomic(out / f"selection_weights_seed{seed}.png", weights.read_bytes())
     return out / "report.md"

@@ -110,6 +110,10 @@ def test_run_then_sigkill_inside_joint_training_and_rerun_gives_the_same_report(
     wmss_eval = json.loads((run / "seed7/eval_wmss/eval/summary.json").read_text())
     assert wmss_eval["model"] == str(run / "seed7/extract1/model")  # the extracted model
     assert "wmss_vs_sft" in report["verdict"] and "wmss_vs_temperature" in report["verdict"]
+    for item in report["verdict"].values():  # one seed: worded from an interval over problems
+        assert item["verdict"] in ("higher", "lower", "not resolved at 95%")
+        assert item["method"].startswith("paired bootstrap over problems only")
+        assert item["n_problems"] == 6 and item["text"] in markdown
     assert "| WMSS |" in markdown and "| SFT, same epochs |" in markdown
     for png in ("loss.png", "diagnostics.png", "selection_weights_seed7.png"):
         assert (run / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 
-import numpy as np
 import pytest
 
-from megatron_wmss.evaluation.report import _PALETTE, build_report, render_chart, write_report
+from megatron_wmss.evaluation.report import build_report, write_report
 from megatron_wmss.platform.errors import UserError
 
 
@@ -64,39 +61,29 @@ def test_report_flags_runs_over_different_problem_counts_and_shows_pass_at_k(tmp
     assert "gsm8k: the runs scored different numbers of problems" in md
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """An independent reader for 8-bit RGB, unfiltered, non-interlaced PNGs (checks CRCs)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == \
-            zlib.crc32(tag + body) & 0xFFFFFFFF, tag
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + length
-    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color) == (8, 2) and b"IEND" in chunks
-    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, -1)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(height, width, 3)
-
-
 def test_report_png_bars_are_as_tall_as_the_scores(runs, tmp_path):
+    from PIL import Image
+
+    from megatron_wmss.evaluation.figures import scores_figure
+
     write_report(runs, tmp_path / "report")
-    image = _decode_png((tmp_path / "report" / "report.png").read_bytes())
-    report = build_report(runs)
-    assert np.array_equal(image, render_chart(report))
-    # Per run, the tallest column of its colour is its best score; heights are proportional.
-    heights = []
-    for i in range(3):
-        mask = (image == np.array(_PALETTE[i], np.uint8)).all(axis=-1)
-        column_heights = mask.sum(axis=0)
-        heights.append(sorted(set(column_heights[column_heights > 0].tolist())))
-    best = [max(0.2, 0.5), max(0.3, 0.25, 0.6), max(0.1, 1.0)]
-    full = heights[2][-1]  # sft#2's mbpp: 100%
-    for h, score in zip(heights, best):
-        assert abs(h[-1] - score * full) <= 1.0, (h, score)
+    with Image.open(tmp_path / "report" / "report.png") as image:
+        assert image.format == "PNG" and image.width >= 800 and image.height >= 450
+    ax = scores_figure(build_report(runs)).axes[0]
+    bars = {container.get_label(): [(round(bar.get_x() + bar.get_width() / 2),
+                                     round(bar.get_height(), 6)) for bar in container]
+            for container in ax.containers}
+    # (group, height in %); groups 0..3: aime25, mbpp, amc23 (wmss only), the mean over
+    # aime25 and mbpp (the tasks every run has).
+    assert bars == {"sft": [(0, 20.0), (1, 50.0), (3, 35.0)],
+                    "wmss": [(0, 30.0), (1, 25.0), (2, 60.0), (3, 27.5)],
+                    "sft#2": [(0, 10.0), (1, 100.0), (3, 55.0)]}
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == [
+        "aime25", "mbpp", "amc23", "mean"]
+    assert ax.get_ylim()[0] == 0 and 100 <= ax.get_ylim()[1] <= 110
+    assert max(ax.get_yticks()) == 100  # a percentage axis: ticks 0..100
+    legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
+    assert legend == ["sft", "wmss", "sft#2"]
 
 
 def test_report_errors_name_the_bad_input(runs, tmp_path):

@@ -28,6 +28,15 @@ def test_shipped_configs_load(name, base):
     assert plan_stages(config)[0].id == "shared/entropy_m0"
 
 
+def test_seeds_is_a_seed_count_or_a_list(base):
+    demo = str(REPO / "examples/demo/demo.yaml")
+    assert load_pipeline(demo, [f"base={base}"]).seeds == [1, 2, 3]  # the demo's default
+    config = load_pipeline(demo, [f"base={base}", "seeds=5"])
+    assert config.seeds == [1, 2, 3, 4, 5]
+    assert {s.seed for s in plan_stages(config) if s.id.endswith("/eval_wmss")} == set(range(1, 6))
+    assert load_pipeline(demo, [f"base={base}", "seeds=[7, 3]"]).seeds == [7, 3]
+
+
 def test_one_round_wires_m0_m1_and_the_baseline_epochs(base):
     config = load_pipeline(str(REPO / "examples/demo/demo.yaml"), [f"base={base}", "seeds=[5]"])
     stages = {s.id: s for s in plan_stages(config)}
@@ -70,6 +79,8 @@ def test_ablations_add_every_control(base):
     (["controls=[fancy]"], "controls: unknown"),
     (["iterations=2"], "controls compare with one round"),
     (["seeds=[1, 1]"], "seeds lists a seed twice"),
+    (["seeds=0"], "seeds: a seed count must be >= 1, got 0"),
+    (["seeds=true"], "seeds must be a seed count >= 1 or a non-empty list"),
     (["selection.seed=3"], "selection.seed is each run's seed"),
     (["eval.tasks=[]"], "eval.tasks must be a non-empty list"),
     (["selection.formula=magic"], "formula"),
