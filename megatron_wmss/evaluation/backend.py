@@ -11,13 +11,27 @@ Pipeline parallelism is refused: lm-eval's request loop has no stage schedule.
   a causal mask), fp32 ``log_softmax`` over the real vocabulary, summed over the continuation;
   the same truncation and pairing rules as lm-eval's ``hf`` backend (``TemplateLM``).
 - ``generate_until``: one request at a time with megatron-core's ``StaticInferenceContext`` KV
-  cache: the prompt is prefilled once, then one token per forward. Greedy unless the request
-  asks for sampling. Stops at EOS, at ``max_gen_toks``, or at a stop string (checked on the
-  decoded tail only); the text is cut at the first stop string as the ``hf`` backend cuts it.
+  cache: the prompt is prefilled once, then one token per forward (or ``generate_batch_size``
+  prompts together, without a cache). Greedy unless the request asks for sampling.
+
+The stop rule (``StopRule``, the same for both generation paths) is that of lm-eval's ``hf``
+backend at batch size 1 (``MultiTokenEOSCriteria``, ``postprocess_generated_text``):
+
+- the stop strings are the request's ``until`` plus the EOS token's text;
+- EOS ends the generation and is dropped; the ``max_gen_toks``-th token ends it too;
+- after every other token, the generated tokens' tail is decoded *with* special tokens, and the
+  generation ends when any stop string occurs in it, so a stop string that is a special token
+  (a chat template's ``<|im_end|>``) stops it. The tail is at least as long as the ``hf``
+  backend's lookback (a stop string's own token count + 2), so generation never runs past a
+  point where the ``hf`` backend stops;
+- the returned text is the generated tokens decoded *without* special tokens, cut before the
+  first occurrence of any stop string. A special-token stop is thus the generation's last token
+  and vanishes from the text; a text stop is cut off with whatever followed it.
 
 Tokenisation follows the ``hf`` backend for Hugging Face tokenizers (default special tokens,
-decoding with special tokens skipped, the tokenizer's own chat template), so that both
-backends see the same ids; SentencePiece models use the built-in chat template.
+the tokenizer's own chat template), so that both backends see the same ids; SentencePiece
+models use the built-in chat template and decode as SentencePiece does (no special-token
+skipping: the stop check and the text see the same string).
 """
 
 from __future__ import annotations
@@ -28,10 +42,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["EvalTokenizer", "MegatronLM", "load_eval_tokenizer"]
+__all__ = ["EvalTokenizer", "MegatronLM", "StopRule", "load_eval_tokenizer"]
 
-# Generated tokens re-decoded to look for a stop string: enough for any stop string of up to
-# ~40 characters even at one character per token, and cheap at every step.
+# Generated tokens re-decoded to look for a stop string (at least): enough for any stop string
+# of up to ~40 characters even at one character per token, and cheap at every step.
 _STOP_WINDOW_TOKENS = 48
 
 
@@ -99,6 +113,42 @@ def load_eval_tokenizer(path: str) -> EvalTokenizer:
     from transformers import AutoTokenizer
 
     return EvalTokenizer(path, hf=AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+class StopRule:
+    """When one generation ends and what text it returns (the module docstring's rule).
+
+    ``until``: stop strings, EOS text included (lm-eval's ``handle_stop_sequences``);
+    ``max_new_tokens``: the generation budget in tokens.
+    """
+
+    def __init__(self, tokenizer: EvalTokenizer, until: Sequence[str], max_new_tokens: int
+                 ) -> None:
+        self.tok = tokenizer
+        self.until = [stop for stop in until if stop]
+        self.max_new_tokens = max_new_tokens
+        # The hf backend looks back over a stop string's token count + 2 tokens; never less.
+        self.window = max([_STOP_WINDOW_TOKENS] + [
+            len(tokenizer.encode(stop, add_special_tokens=False)) + 2 for stop in self.until])
+
+    def add(self, generated: list[int], token: int) -> bool:
+        """Append ``token`` to ``generated`` unless it is EOS; True when the generation ends."""
+        if token == self.tok.eos_id:
+            return True
+        generated.append(token)
+        if len(generated) >= self.max_new_tokens:
+            return True
+        if not self.until:
+            return False
+        tail = self.tok.decode(generated[-self.window:], skip_special_tokens=False)
+        return any(stop in tail for stop in self.until)
+
+    def text(self, generated: Sequence[int]) -> str:
+        """The answer: ``generated`` decoded without special tokens, cut at the first stop."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        return postprocess_generated_text(self.tok.decode(generated, skip_special_tokens=True),
+                                          self.until, None)
 
 
 def _register():
@@ -266,21 +316,17 @@ class MegatronLM(_TemplateLM):
             choice = int(box.item())
         return choice
 
-    def _hit_stop(self, generated: list[int], until: Sequence[str]) -> bool:
-        if not until:
-            return False
-        tail = self.tok.decode(generated[-_STOP_WINDOW_TOKENS:])
-        return any(stop and stop in tail for stop in until)
-
     @torch.no_grad()
     def generate_tokens(self, prompt: list[int], max_new_tokens: int, until: Sequence[str] = (),
                         do_sample: bool = False, temperature: float = 0.0,
                         top_p: float = 1.0) -> list[int]:
-        """Token ids generated after ``prompt`` with a KV cache, EOS excluded."""
+        """Token ids generated after ``prompt`` with a KV cache, up to where :class:`StopRule`
+        ends the generation (EOS excluded, a stop string's tokens included)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         if max_new_tokens <= 0:
             return []
+        rule = StopRule(self.tok, until, max_new_tokens)
         context = StaticInferenceContext(max_batch_size=1,
                                          max_sequence_length=len(prompt) + max_new_tokens)
         logits = self._logits(torch.tensor([prompt], dtype=torch.long), context)
@@ -288,10 +334,7 @@ class MegatronLM(_TemplateLM):
         generated: list[int] = []
         while True:
             token = self._choose(logits[0, -1], do_sample, temperature, top_p)
-            if token == self.tok.eos_id:
-                break
-            generated.append(token)
-            if len(generated) >= max_new_tokens or self._hit_stop(generated, until):
+            if rule.add(generated, token):
                 break
             logits = self._logits(torch.tensor([[token]], dtype=torch.long), context,
                                   position_offset=context.sequence_len_offset)
@@ -302,10 +345,11 @@ class MegatronLM(_TemplateLM):
     def generate_batch(self, prompts: Sequence[list[int]], max_new_tokens: int,
                        until: Sequence[str] = (), do_sample: bool = False,
                        temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
-        """Token ids generated after each prompt, EOS excluded: all prompts together, each
-        step one forward over the right-padded unfinished rows (causal attention: a row never
-        sees the padding after it). The same tokens as :meth:`generate_tokens`, prompt by
-        prompt."""
+        """Token ids generated after each prompt, each row ended by :class:`StopRule` on its
+        own: all prompts together, each step one forward over the right-padded unfinished rows
+        (causal attention: a row never sees the padding after it). The same tokens as
+        :meth:`generate_tokens`, prompt by prompt."""
+        rule = StopRule(self.tok, until, max_new_tokens)
         rows = [list(p) for p in prompts]
         generated: list[list[int]] = [[] for _ in rows]
         active = [i for i in range(len(rows)) if max_new_tokens > 0]
@@ -318,18 +362,14 @@ class MegatronLM(_TemplateLM):
             still = []
             for r, i in enumerate(active):
                 token = self._choose(logits[r, len(rows[i]) - 1], do_sample, temperature, top_p)
-                if token == self.tok.eos_id:
-                    continue
-                generated[i].append(token)
-                rows[i].append(token)
-                if len(generated[i]) < max_new_tokens and not self._hit_stop(generated[i], until):
+                if not rule.add(generated[i], token):
+                    rows[i].append(token)
                     still.append(i)
             active = still
         return generated
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-        from lm_eval.models.utils import postprocess_generated_text
         from tqdm import tqdm
 
         jobs = []
@@ -362,9 +402,10 @@ class MegatronLM(_TemplateLM):
             else:
                 outputs = self.generate_batch(prompts, max_new, until, do_sample, temperature,
                                               top_p)
+            rule = StopRule(self.tok, until, max_new)
             for k, ids in enumerate(outputs):
                 context, gen_kwargs = jobs[start + k][:2]
-                text = postprocess_generated_text(self.tok_decode(ids), list(until), None)
+                text = rule.text(ids)
                 results[start + k] = text
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             bar.update(end - start)
