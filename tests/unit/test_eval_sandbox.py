@@ -3,9 +3,9 @@ leave nothing behind, and the evaluator (this process) carries on."""
 
 from __future__ import annotations
 
+import glob
 import os
-import re
-import socket
+import tempfile
 import subprocess
 import sys
 import textwrap
@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from megatron_wmss.evaluation.code import build_program, extract_code
-from megatron_wmss.evaluation.sandbox import SandboxLimits, probe_isolation, run_python
+from megatron_wmss.evaluation.code import extract_code
+from megatron_wmss.evaluation.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(timeout_s=4.0, cpu_s=2, memory_mb=512, max_processes=16, max_file_mb=4)
 # The caller's backstop is timeout_s + 15 s; a run must end well before it.
@@ -29,18 +29,12 @@ def _timed(source: str, limits: SandboxLimits = LIMITS):
     return result, time.monotonic() - start
 
 
-def _scratch_of(result) -> str:
-    """The directory the program ran in (from its printed cwd or its traceback)."""
-    return re.search(r"(/\S*?wmss-sandbox-[^/\s\"]+)", result.detail).group(1)
-
-
-def test_a_well_behaved_program_passes_and_its_scratch_directory_is_removed():
+def test_a_well_behaved_program_passes_and_leaves_nothing_behind():
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "wmss-sandbox-*")))
     result, _ = _timed("import os, sys\nprint(os.getcwd())\nprint('hello', file=sys.stdout)\n")
     assert result.passed and result.returncode == 0, result
-    assert "hello" in result.detail
-    assert "rlimits" in result.isolation
-    scratch = _scratch_of(result)
-    assert "wmss-sandbox-" in scratch and not os.path.exists(scratch)
+    assert result.detail.split() == ["/tmp", "hello"] and result.isolation == "bwrap"
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "wmss-sandbox-*"))) <= before
 
 
 def test_a_failing_assert_is_a_failure_with_its_traceback():
@@ -103,7 +97,6 @@ def test_writing_a_huge_file_fails_at_the_file_size_limit():
     assert result.status == "failed", result
     assert "File too large" in result.detail or "SIGXFSZ" in result.detail, result.detail
     assert elapsed < DEADLINE_S
-    assert not os.path.exists(_scratch_of(result))
 
 
 def test_flooding_stdout_is_truncated_not_buffered_in_the_evaluator():
@@ -111,30 +104,6 @@ def test_flooding_stdout_is_truncated_not_buffered_in_the_evaluator():
     assert not result.passed
     assert f"output truncated at max_file_mb={LIMITS.max_file_mb}" in result.detail
     assert len(result.detail) < 4000 and elapsed < DEADLINE_S
-
-
-def test_files_left_in_tmp_are_removed():
-    if not any(layer.startswith("uid:") for layer in probe_isolation()):
-        pytest.skip("needs root: without a uid of its own the sandbox cannot tell its files "
-                    "in /tmp from the caller's")
-    marker = f"wmss-sandbox-test-{os.getpid()}"
-    result, _ = _timed(f"open('/tmp/{marker}', 'w').write('left behind')\n")
-    assert result.passed, result
-    assert not os.path.exists(f"/tmp/{marker}")
-
-
-def test_no_network():
-    if "netns" not in probe_isolation():
-        pytest.skip("this machine gives the sandbox no network namespace (unprivileged, or no "
-                    "user namespaces)")
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        result, _ = _timed(f"""
-            import socket
-            socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
-        """)
-    assert result.status == "failed", result
-    assert "OSError" in result.detail or "Error" in result.detail
 
 
 def test_concurrent_sandboxes_in_several_processes_do_not_interfere():
@@ -175,13 +144,3 @@ def test_extract_code(completion, expected):
     assert extract_code(completion) == expected
 
 
-def test_humaneval_program_takes_a_whole_function_or_a_body():
-    doc = {"prompt": "import math\n\ndef area(r):\n    \"\"\"Circle area.\"\"\"\n",
-           "entry_point": "area",
-           "test": "def check(candidate):\n    assert abs(candidate(1) - math.pi) < 1e-9\n"}
-    body = "    return math.pi * r * r\n"
-    whole = "```python\ndef area(r):\n    return math.pi * r ** 2\n```"
-    for completion in (body, whole):
-        assert run_python(build_program("humaneval", doc, completion), LIMITS).passed
-    wrong = "```python\ndef area(r):\n    return 2 * math.pi * r\n```"
-    assert not run_python(build_program("humaneval", doc, wrong), LIMITS).passed
