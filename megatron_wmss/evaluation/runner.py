@@ -10,9 +10,11 @@ A run directory holds
   how — what ``wmss eval report`` reads.
 It is written to a temporary directory and renamed into place when complete.
 
-Backends: ``hf`` (lm-eval's, for an exported Hugging Face directory), ``vllm`` (lm-eval's, when
-installed), ``megatron`` (:class:`~megatron_wmss.evaluation.backend.MegatronLM`, in process on
-``--tp`` local ranks, for a megatron checkpoint). ``auto`` picks by what ``--model`` is.
+Backends: ``hf`` (:class:`~megatron_wmss.evaluation.hf_backend.StopRuleHFLM`: lm-eval's, each
+row of a batch stopped as at batch size 1, for an exported Hugging Face directory), ``vllm``
+(lm-eval's, when installed), ``megatron``
+(:class:`~megatron_wmss.evaluation.backend.MegatronLM`, in process on ``--tp`` local ranks, for
+a megatron checkpoint). ``auto`` picks by what ``--model`` is.
 """
 
 from __future__ import annotations
@@ -410,13 +412,17 @@ def run_eval(job: EvalJob) -> dict:
         return run_distributed(_megatron_worker, world_size=job.tp, tp=job.tp, pp=1,
                                args=(job,), timeout=job.timeout)[0]
     model_args: dict[str, Any] = {"pretrained": job.model, "dtype": job.dtype or "auto"}
+    lm_name = job.backend
     if job.backend == "hf":
+        from megatron_wmss.evaluation import hf_backend  # noqa: F401  (registers wmss-hf)
+
         model_args["local_files_only"] = True
+        lm_name = "wmss-hf"
     if job.backend == "vllm":
         model_args.update(seed=job.seed)
     if job.device is None:
         import torch
 
         job = dataclasses.replace(job, device="cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate_with_lm(job.backend, job, model_args)
+    results = evaluate_with_lm(lm_name, job, model_args)
     return write_run(job, results)

@@ -8,6 +8,12 @@ text`` and the plain prompt with `` 42 is it`` (then EOS each time). It is impor
 megatron checkpoint and exported back to Hugging Face, so both backends run the same weights.
 The megatron backend, one prompt at a time (KV cache) and all three prompts in one batch, at
 TP=1 and TP=2, must return the ``hf`` backend's strings (batch size 1) exactly.
+
+lm-eval's own ``hf`` backend breaks that rule in a batch: it stops only when every row has hit
+the stop string, so in a batch of the three prompts the chat rows run on past ``<|im_end|>``
+(the plain prompt never emits it) and return ``4 and then more text``. ``wmss eval --backend hf``
+uses ``wmss-hf`` (megatron_wmss/evaluation/hf_backend.py), which must return the batch-size-1
+strings at batch size 1 and 3 alike.
 """
 
 from __future__ import annotations
@@ -61,31 +67,49 @@ def _megatron(ckpt: str) -> dict:
     return out
 
 
+# lm-eval backend name and batch size of each hf-side run: lm-eval's own at batch size 1 (the
+# reference), and the one `wmss eval --backend hf` uses, alone and in a mixed batch.
+HF_RUNS = [("hf", 1), ("wmss-hf", 1), ("wmss-hf", len(SCRIPTS))]
+
+
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
-    """(megatron checkpoint, the hf backend's texts per stop list)."""
-    from lm_eval.models.huggingface import HFLM
+    """(megatron checkpoint, {(backend, batch size): the hf-side texts per stop list})."""
+    from lm_eval.api.registry import get_model
+
+    import megatron_wmss.evaluation.hf_backend  # noqa: F401  (registers wmss-hf)
 
     root = tmp_path_factory.mktemp("scripted")
     hf, ckpt, exported = root / "hf", root / "megatron", root / "exported"
     make_scripted_chat_model(hf, SCRIPTS)
     run_distributed(_import_and_export, 1, tp=1, args=(str(hf), str(ckpt), str(exported)))
-    lm = HFLM(pretrained=str(exported), device="cpu", dtype="float32", batch_size=1)
-    assert END_OF_TURN in lm.tokenizer.all_special_tokens
-    assert lm.tokenizer.convert_tokens_to_ids(END_OF_TURN) != lm.tokenizer.eos_token_id
-    return ckpt, {name: lm.generate_until(_requests(until), disable_tqdm=True)
-                  for name, until in STOPS.items()}
+    texts = {}
+    for backend, batch_size in HF_RUNS:
+        lm = get_model(backend)(pretrained=str(exported), device="cpu", dtype="float32",
+                                batch_size=batch_size)
+        assert END_OF_TURN in lm.tokenizer.all_special_tokens
+        assert lm.tokenizer.convert_tokens_to_ids(END_OF_TURN) != lm.tokenizer.eos_token_id
+        texts[backend, batch_size] = {name: lm.generate_until(_requests(until), disable_tqdm=True)
+                                      for name, until in STOPS.items()}
+    return ckpt, texts
+
+
+def test_wmss_hf_backend_stops_each_row_of_a_batch_as_at_batch_size_1(scripted):
+    _, runs = scripted
+    # lm-eval's hf backend cuts the chat answers at the end-of-turn token; without that stop it
+    # generates past it (and drops the special token from the text).
+    assert runs["hf", 1]["end-of-turn"] == ["4", "4", " 42 is it"]
+    assert runs["hf", 1]["none"] == ["4 and then more text", "4 and then more text", " 42 is it"]
+    for run in HF_RUNS[1:]:
+        assert runs[run] == runs["hf", 1], run
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_megatron_backend_stops_at_a_special_token_as_the_hf_backend_does(scripted, tp):
-    ckpt, reference = scripted
-    # The hf backend cuts the chat answers at the end-of-turn token; without that stop it
-    # generates past it (and drops the special token from the text).
-    assert reference["end-of-turn"] == ["4", "4", " 42 is it"]
-    assert reference["none"] == ["4 and then more text", "4 and then more text", " 42 is it"]
+    ckpt, runs = scripted
     ranks = run_distributed(_megatron, tp, tp=tp, args=(str(ckpt),))
-    for rank in ranks:
-        for name, texts in reference.items():
-            assert rank[name]["one"] == texts, (name, "one prompt at a time")
-            assert rank[name]["batched"] == texts, (name, "batched")
+    for run in HF_RUNS:
+        for rank in ranks:
+            for name, texts in runs[run].items():
+                assert rank[name]["one"] == texts, (run, name, "one prompt at a time")
+                assert rank[name]["batched"] == texts, (run, name, "batched")
