@@ -41,7 +41,10 @@ def selection_figure(weights: np.ndarray, delta_h: np.ndarray, *, formula: str,
 
     right.hist(delta_h, bins=bins, color=_BAR)
     below, above = int((delta_h < 0).sum()), int((delta_h > 0).sum())
-    right.axvline(0.0, color=_MARK, linestyle=":", linewidth=1.4, label="ΔH = 0")
+    # ΔH = 0 is marked only where it lies among the data: stretching the axis to reach it
+    # squeezes every bar into a sliver (the title counts the samples on each side anyway).
+    if delta_h.size and delta_h.min() <= 0.0 <= delta_h.max():
+        right.axvline(0.0, color=_MARK, linestyle=":", linewidth=1.4, label="ΔH = 0")
     right.set_xlabel("ΔH = H_strong − H_weak (nats)")
     right.set_ylabel("samples")
     right.set_title(f"entropy discrepancy: {below} below 0, {above} above", fontsize="medium")

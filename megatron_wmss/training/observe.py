@@ -3,9 +3,10 @@
 Only rank 0 writes. One flat record per logged step fans out to every sink: ``step``, ``loss``,
 ``lr``, ``grad_norm`` (and ``grad_norm/strong``, ``grad_norm/weak`` for joint runs),
 ``tokens_per_s``, ``mix_lambda``, the saturation diagnostics (``strong/entropy``,
-``mixed/margin``, …) on joint runs, and ``mfu`` on CUDA. On resume the records after the
-checkpoint's step are dropped (they are about to be recomputed), so the file always reads as
-one run.
+``mixed/margin``, …; ``model/…`` on SFT runs), how far the step moved the strong (or only)
+model (``update_norm/strong``, ``param_norm/strong``, ``update_ratio/strong``), and ``mfu`` on
+CUDA. On resume the records after the checkpoint's step are dropped (they are about to be
+recomputed), so the file always reads as one run.
 """
 
 from __future__ import annotations

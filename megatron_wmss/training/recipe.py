@@ -67,6 +67,11 @@ class TrainerConfig:
     """Checkpoints kept in RUN_DIR/checkpoints (the newest; older ones are deleted)."""
     log_interval: int = 1
     """Write metrics (and, for joint runs, the saturation diagnostics) every N steps."""
+    log_update_norm: bool = True
+    """At log steps, also log how far the step moved the strong (or only) model:
+    ``update_norm/<strong|model>`` = ‖θ_after − θ_before‖, ``param_norm/…``, ``update_ratio/…``.
+    Costs one copy of that model's main parameters (fp32, this rank's shard) during those
+    steps' optimizer update; turn off where that memory is not there."""
     exit_duration_minutes: Optional[float] = None
     """Save and exit (preemption exit code) after this much wall time, as Megatron-LM does."""
     max_nonfinite_steps: int = 3

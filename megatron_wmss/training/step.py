@@ -33,7 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_wmss.data.collate import IGNORE_INDEX
 from megatron_wmss.models import JointGPTModel
 from megatron_wmss.platform import cuda_available, default_device
-from megatron_wmss.training.grad_norms import per_model_grad_norms
+from megatron_wmss.training.grad_norms import UpdateNorm, per_model_grad_norms
 from megatron_wmss.training.setup import TrainingSetup
 
 __all__ = ["StepMetrics", "batch_to_device", "causal_attention_mask", "forward_backward",
@@ -54,6 +54,9 @@ class StepMetrics:
     grad_norms: dict[str, float] = field(default_factory=dict)  # per model, before clipping
     skipped: bool = False  # non-finite loss or gradient norm: no update was made
     diagnostics: dict[str, float] = field(default_factory=dict)  # e.g. "strong/entropy"
+    # "update_norm/strong", "param_norm/strong", "update_ratio/strong" ("…/model" for SFT):
+    # ‖θ_after − θ_before‖, ‖θ_after‖ and their ratio, when the step was asked to measure them.
+    update_norms: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # all tokens (padding excluded) the step processed, over all ranks
 
 
@@ -192,10 +195,12 @@ def forward_backward(setup: TrainingSetup, data_iterator, *, num_microbatches: i
     return loss, supervised, tokens, stats
 
 
-def _optimizer_step(setup: TrainingSetup, loss: float) -> tuple[bool, float, dict[str, float]]:
+def _optimizer_step(setup: TrainingSetup, loss: float, update_norm: bool = False
+                    ) -> tuple[bool, float, dict[str, float], dict[str, float]]:
     """Clip and step unless the loss or the gradient norm is non-finite.
 
-    Returns (stepped, total grad norm, per-model grad norms), norms before clipping.
+    Returns (stepped, total grad norm, per-model grad norms, update norms), grad norms before
+    clipping; update norms (:class:`UpdateNorm`) only with ``update_norm`` and a step made.
     """
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
@@ -204,14 +209,17 @@ def _optimizer_step(setup: TrainingSetup, loss: float) -> tuple[bool, float, dic
     grad_norm = float(optimizer.get_grad_norm())
     norms = per_model_grad_norms(setup)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        return False, grad_norm, norms
+        return False, grad_norm, norms, {}
     clip = optimizer.config.clip_grad
     if clip > 0:
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             params = opt.get_parameters()
             if params:
                 clip_grad_by_total_norm_fp32(params, clip, grad_norm)
-    return bool(optimizer.step_with_ready_grads()), grad_norm, norms
+    measure = UpdateNorm(setup) if update_norm else None
+    stepped = bool(optimizer.step_with_ready_grads())
+    updates = measure.finish() if measure is not None and stepped else {}
+    return stepped, grad_norm, norms, updates
 
 
 def train_step(
@@ -222,6 +230,7 @@ def train_step(
     micro_batch_size: int,
     seq_length: Optional[int] = None,
     diagnostics: bool = False,
+    update_norm: bool = False,
 ) -> StepMetrics:
     """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
 
@@ -229,7 +238,9 @@ def train_step(
     the rank reads the same ones). Sets λ from the mix schedule before the step. With
     ``diagnostics`` a joint model also reports the saturation statistics of the strong, weak
     and mixed distributions, an SFT model those of its own (``model/<field>``; token means
-    over the global batch).
+    over the global batch). With ``update_norm`` it also measures how far the step moved the
+    strong (or only) model (``StepMetrics.update_norms``; a copy of its main parameters is held
+    during the optimizer step).
     """
     joint = isinstance(setup.unwrapped, JointGPTModel)
     mix_lambda = setup.mix.lambda_at(setup.step) if joint else None
@@ -237,13 +248,13 @@ def train_step(
         setup, data_iterator, num_microbatches=num_microbatches,
         micro_batch_size=micro_batch_size, seq_length=seq_length, diagnostics=diagnostics)
     lr = setup.strong_lr()
-    stepped, grad_norm, norms = _optimizer_step(setup, loss)
+    stepped, grad_norm, norms, updates = _optimizer_step(setup, loss, update_norm)
     if stepped:
         setup.scheduler.step(increment=1)
     metrics = StepMetrics(
         step=setup.step, loss=loss, num_tokens=supervised, grad_norm=grad_norm, lr=float(lr),
         mix_lambda=mix_lambda, update_successful=stepped, grad_norms=norms,
-        skipped=not stepped, diagnostics=stats, tokens=tokens,
+        skipped=not stepped, diagnostics=stats, tokens=tokens, update_norms=updates,
     )
     setup.step += 1  # iterations: a skipped step still consumed its batch
     return metrics

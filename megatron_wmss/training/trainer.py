@@ -185,6 +185,7 @@ def _step_record(metrics, state: TrainState, seconds: float, flops_per_token: fl
     if metrics.mix_lambda is not None:
         record["mix_lambda"] = metrics.mix_lambda
     record.update(metrics.diagnostics)
+    record.update(metrics.update_norms)
     if peak is not None:
         record["mfu"] = flops_per_token * tokens_per_s / (peak * dist.get_world_size())
     return record
@@ -329,7 +330,8 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
             metrics = train_step(setup, batches, num_microbatches=n_micro,
                                  micro_batch_size=data_cfg.micro_batch_size,
                                  seq_length=data_cfg.padded_length,
-                                 diagnostics=log_now)
+                                 diagnostics=log_now,
+                                 update_norm=log_now and trainer.log_update_norm)
             seconds = time.perf_counter() - start
             state.step = setup.step
             state.consumed_samples += trainer.global_batch_size

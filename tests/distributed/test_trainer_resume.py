@@ -177,7 +177,8 @@ def test_metrics_and_tensorboard_hold_losses_norms_and_diagnostics(references):
     for record in records:
         for key in ("loss", "lr", "grad_norm", "grad_norm/strong", "grad_norm/weak",
                     "tokens_per_s", "mix_lambda", "strong/entropy", "weak/target_prob",
-                    "mixed/margin", "mixed/logit_std"):
+                    "mixed/margin", "mixed/logit_std", "update_norm/strong",
+                    "param_norm/strong", "update_ratio/strong"):
             assert key in record, key
         # The two models' norms are the parts of the total one, and both models train.
         total = (record["grad_norm/strong"] ** 2 + record["grad_norm/weak"] ** 2) ** 0.5

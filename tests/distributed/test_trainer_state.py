@@ -241,3 +241,64 @@ def test_activation_recomputation_changes_no_number():
     for mode in ("selective", "full"):
         # Recomputing re-runs the same fp32 kernels on the same inputs: identical results.
         assert out[mode] == out["none"], mode
+
+
+def _update_norm_vs_weights(distributed_optimizer):
+    """The strong model's logged update and weight norms against its own weights' change,
+    summed by hand over the ranks that hold different parts of it; and the weak model's."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_wmss.training import train_step
+
+    setup = _setup(distributed_optimizer=distributed_optimizer)
+    micro = GLOBAL_BATCH // MICRO // ps.get_data_parallel_world_size()
+    plain = train_step(setup, iter(_rank_batches(0)), num_microbatches=micro,
+                       micro_batch_size=MICRO, seq_length=SEQ)
+    tied_copy = ps.get_pipeline_model_parallel_world_size() > 1 and \
+        not ps.is_pipeline_first_stage()  # the last stage's copy of the tied embedding
+    models = {name: {n: p for n, p in getattr(setup.unwrapped, name).named_parameters()
+                     if not (tied_copy and n == "output_layer.weight")}
+              for name in ("strong", "weak")}
+    before = {name: {n: p.detach().clone() for n, p in params.items()}
+              for name, params in models.items()}
+    measured = train_step(setup, iter(_rank_batches(1)), num_microbatches=micro,
+                          micro_batch_size=MICRO, seq_length=SEQ, update_norm=True)
+    # Sums of squares: a tensor-parallel shard counts on its own rank, a replicated weight on
+    # tensor-parallel rank 0 only; pipeline stages hold disjoint layers. Every data-parallel
+    # rank holds the whole (gathered) model, so no sum over them.
+    sums = torch.zeros(3, dtype=torch.float64)
+    for row, name in enumerate(("strong", "weak")):
+        for n, p in models[name].items():
+            if getattr(p, "tensor_model_parallel", False) or \
+                    ps.get_tensor_model_parallel_rank() == 0:
+                new = p.detach().double()
+                sums[row] += (new - before[name][n].double()).square().sum()
+                if name == "strong":
+                    sums[2] += new.square().sum()
+    dist.all_reduce(sums, group=ps.get_tensor_model_parallel_group())
+    dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    strong, weak, param = sums.sqrt().tolist()
+    return plain.update_norms, measured.update_norms, strong, weak, param
+
+
+@pytest.mark.parametrize("layout", [
+    "dp2-distopt",  # main parameters sharded over the data-parallel ranks
+    # Tensor-parallel shards beside replicated weights; stages, and the last stage's copy of
+    # the tied embedding (counted once). ~12 s each: with the slow tests.
+    pytest.param("tp2", marks=pytest.mark.slow), pytest.param("pp2", marks=pytest.mark.slow)])
+def test_the_logged_update_norm_is_how_far_the_strong_weights_moved(layout):
+    sizes = {"dp2-distopt": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}}[layout]
+    for plain, got, strong, weak, param in run_distributed(
+            _update_norm_vs_weights, world_size=2, args=(layout == "dp2-distopt",),
+            timeout=300, **sizes):
+        assert plain == {}  # measured only when asked (the trainer asks at log steps)
+        # fp32 weights, the same numbers summed in another order (fp64 here): 1e-5 relative.
+        # The weak model moves about as far (checked), so a norm that took it in, or counted
+        # a shard or a stage twice or not at all, would be off by far more than that.
+        assert weak > 0.3 * strong
+        assert got["update_norm/strong"] == pytest.approx(strong, rel=1e-5)
+        assert got["param_norm/strong"] == pytest.approx(param, rel=1e-5)
+        assert got["update_ratio/strong"] == pytest.approx(strong / param, rel=1e-5)
+        # Adam at lr 1e-2 moves each coordinate by up to ~lr: a visible, non-zero update.
+        assert 1e-4 < got["update_ratio/strong"] < 1.0
