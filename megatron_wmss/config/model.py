@@ -66,6 +66,12 @@ class ModelConfig:
     """Share the input embedding and the output layer (Qwen3-4B and smaller)."""
     init_method_std: float = 0.02
     """Std of the normal init of fresh weights."""
+    hidden_dropout: float = 0.0
+    """Dropout probability after the attention and MLP blocks while training, in [0, 1).
+    Off by default (SFT-style fine-tuning); checkpoints' model descriptions store 0 (they
+    describe the model for inference)."""
+    attention_dropout: float = 0.0
+    """Dropout probability on the attention weights while training, in [0, 1)."""
     make_vocab_size_divisible_by: int = 128
     """The vocab is padded to a multiple of this times the tensor-parallel size."""
     params_dtype: str = "bfloat16"
@@ -104,6 +110,12 @@ class ModelConfig:
             raise ValueError("ModelConfig.rotary_base, norm_epsilon and init_method_std must be "
                              f"> 0, got {self.rotary_base}, {self.norm_epsilon}, "
                              f"{self.init_method_std}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be a probability in [0, 1), "
+                                 f"got {value!r}")
         _choice(self, "params_dtype", _DTYPES)
         _choice(self, "fp8", _FP8_FORMATS)
         _choice(self, "fp8_recipe", _FP8_RECIPES)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_wmss.data.config import DataConfig, TokenizerConfig
 from megatron_wmss.platform.files import write_file_atomic
+from megatron_wmss.platform.ranks import on_rank_zero, rank_zero_first
 
 __all__ = ["EntropyJob", "META_SUFFIX", "compute_entropies", "data_fingerprint"]
 
@@ -64,12 +65,6 @@ class EntropyJob:
 
 def _rank0() -> bool:
     return dist.get_rank() == 0
-
-
-def _broadcast(value):
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _prepare_checkpoint(job: EntropyJob, parts: Path) -> str:
@@ -189,9 +184,8 @@ def compute_entropies(job: EntropyJob) -> Path:
 
     out = Path(job.out)
     parts = out.with_name(out.name + ".parts")
-    if _rank0():
-        parts.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    on_rank_zero(lambda: parts.mkdir(parents=True, exist_ok=True), "entropy: parts directory",
+                 share=False)
     ckpt = _prepare_checkpoint(job, parts)
     tokenizer = _tokenizer(job, ckpt)
     model, cfg = _model(ckpt, job.which)
@@ -200,15 +194,14 @@ def compute_entropies(job: EntropyJob) -> Path:
                          f"{job.model} only {cfg.vocab_size}: they do not belong together")
     data_cfg = dataclasses.replace(job.data, shuffle=False, cache_dir=job.data.cache_dir
                                    or str(parts / "data-cache"))
-    data = tokenize_sft(data_cfg, tokenizer) if _rank0() else None
-    dist.barrier()
-    if data is None:
-        data = tokenize_sft(data_cfg, tokenizer)
+    # Rank 0 fills the cache, the others read it.
+    data = rank_zero_first(lambda: tokenize_sft(data_cfg, tokenizer), "entropy: tokenization")
 
     n = len(data)
     shards = -(-n // job.shard_size)
-    done = _broadcast(sorted(s for s in range(shards) if _shard_path(parts, s).is_file())
-                      if _rank0() else None)
+    done = on_rank_zero(lambda: sorted(s for s in range(shards)
+                                       if _shard_path(parts, s).is_file()),
+                        "entropy: finished shards")
     pp = ps.get_pipeline_model_parallel_world_size()
     pad_to = data_cfg.padded_length if data_cfg.padded_length else (
         -(-data_cfg.max_length // data_cfg.pad_to_multiple_of) * data_cfg.pad_to_multiple_of
@@ -227,7 +220,8 @@ def compute_entropies(job: EntropyJob) -> Path:
                           pad_to, data_cfg.pad_to_multiple_of, cfg.vocab_size, pad_to or 0)
         gathered = [None] * dist.get_world_size() if _rank0() else None
         dist.gather_object(mine, gathered, dst=0)
-        if _rank0():
+
+        def write_shard(shard=shard, rows=rows, gathered=gathered) -> None:
             by_row = {int(r): (s, c) for part in gathered for r, s, c in part}
             if sorted(by_row) != rows:
                 raise RuntimeError(f"shard {shard}: got rows {sorted(by_row)[:5]}..., expected "
@@ -236,11 +230,14 @@ def compute_entropies(job: EntropyJob) -> Path:
                                  "num_tokens": int(by_row[r][1])}) for r in rows]
             write_file_atomic(_shard_path(parts, shard), "".join(f"{line}\n" for line in lines))
             bar.update(len(rows))
-        dist.barrier()
-    if _rank0():
+
+        on_rank_zero(write_shard, f"entropy: shard {shard}", share=False)
+
+    def assemble() -> None:
         bar.close()
         _assemble(job, out, parts, shards, cfg, tokenizer, data)
-    dist.barrier()
+
+    on_rank_zero(assemble, "entropy: output", share=False)
     return out
 
 

@@ -9,7 +9,7 @@ Importing this package loads neither ``datasets``, ``transformers`` nor ``torch`
 imported by the function that needs it.
 """
 
-from megatron_wmss.data.collate import IGNORE_INDEX, SFTDataset, build_sft_loader, collate_sft
+from megatron_wmss.data.collate import SFTDataset, build_sft_loader, collate_sft
 from megatron_wmss.data.config import (
     OVERLENGTH_POLICIES,
     SCHEMAS,
@@ -17,6 +17,7 @@ from megatron_wmss.data.config import (
     DataConfig,
     TokenizerConfig,
 )
+from megatron_wmss.data.packing import IGNORE_INDEX
 from megatron_wmss.data.sampler import DistributedEpochSampler, read_active_set, write_active_set
 from megatron_wmss.data.schemas import DataFormatError, accepted_schemas, row_to_messages
 from megatron_wmss.data.sources import load_sources

@@ -17,17 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megatron_wmss.data.config import DataConfig
+from megatron_wmss.data.packing import IGNORE_INDEX
 from megatron_wmss.data.sampler import DistributedEpochSampler, read_active_set
-from megatron_wmss.data.tokenization import TokenizedSFT
+from megatron_wmss.data.tokenization import Status, TokenizedSFT
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "SFTDataset", "build_sft_loader", "collate_sft", "epoch_items",
-           "loader_rows", "packs_for"]
-
-#: Label of positions without a target (PyTorch's cross-entropy ignore_index).
-IGNORE_INDEX = -100
+__all__ = ["SFTDataset", "build_sft_loader", "collate_sft", "epoch_items", "loader_rows",
+           "packs_for"]
 
 
 class SFTDataset:
@@ -101,8 +99,11 @@ def packs_for(data: TokenizedSFT, config: DataConfig) -> list[np.ndarray]:
 
     rows = loader_rows(data, config)
     rows = np.arange(rows, dtype=np.int64) if isinstance(rows, int) else rows
-    lengths = np.asarray(data.dataset.data.column("num_tokens").to_numpy(),
-                         dtype=np.int64)[rows]
+    # The backing table also holds the rows tokenization did not keep (the dataset selects the
+    # kept ones through an index map): keep the lengths of kept rows, in row order.
+    table = data.dataset.data
+    kept = table.column("status").to_numpy() <= Status.TRUNCATED
+    lengths = np.asarray(table.column("num_tokens").to_numpy(), dtype=np.int64)[kept][rows]
     return [rows[pack] for pack in pack_by_length(lengths, config.row_length)]
 
 
@@ -145,5 +146,9 @@ def build_sft_loader(data: TokenizedSFT, config: DataConfig, *, pad_id: int, dp_
         items, micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=config.seed, consumed_samples=consumed_samples, shuffle=config.shuffle,
         drop_last=drop_last, num_epochs=num_epochs, epoch_multiple=epoch_multiple)
+    # Its own generator: each iter() draws a worker base seed, which from torch's global RNG
+    # would shift the dropout masks of a resumed run (it starts iterating after the RNG
+    # restore, the uninterrupted run before its first step).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(config.seed))

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from megatron_wmss.data.collate import IGNORE_INDEX
+__all__ = ["IGNORE_INDEX", "PackedSFTDataset", "collate_packed", "pack_by_length",
+           "packed_attention_mask", "packed_seq_params"]
 
-__all__ = ["PackedSFTDataset", "collate_packed", "pack_by_length", "packed_attention_mask",
-           "packed_seq_params"]
+#: Label of positions without a target (PyTorch's cross-entropy ignore_index). Defined here,
+#: below ``collate`` (whose loader builds on packing), so that imports run one way.
+IGNORE_INDEX = -100
 
 
 def pack_by_length(lengths: Sequence[int], capacity: int) -> list[np.ndarray]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from megatron_wmss.evaluation.report import MEAN_ROW
 from megatron_wmss.platform.figures import new_figure, save_png
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["scores_figure", "write_scores_png"]
+__all__ = ["MEAN_ROW", "scores_figure", "write_scores_png"]
+
+MEAN_ROW = "mean"
+"""Name of the mean-over-tasks row of the report table and group of its figure (here, below
+``report``, which draws this figure, so that imports run one way)."""
+
 
 def _groups(report: dict) -> list[tuple[str, dict[str, float]]]:
     """(x tick label, {run label: score in [0, 1]}) per group."""

@@ -30,11 +30,10 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_wmss.evaluation.figures import MEAN_ROW
 from megatron_wmss.platform.errors import ArgumentParser, UserError, run_command
 
 __all__ = ["build_report", "load_problem_scores", "load_run", "report_main", "write_report"]
-
-MEAN_ROW = "mean"
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_wmss.platform.errors import UserError
+from megatron_wmss.platform.ranks import on_rank_zero
 
 __all__ = ["EvalJob", "PRESETS", "evaluate_rank", "pass_at_k", "run_eval", "model_kind"]
 
@@ -378,9 +379,8 @@ def _megatron_worker(job: EvalJob) -> Optional[dict]:
                     batch_size=job.batch_size, seed=job.seed,
                     generate_batch_size=job.generate_batch_size)
     results = evaluate_with_lm(lm, job)
-    summary = write_run(job, results) if dist.get_rank() == 0 else None
-    dist.barrier()
-    return summary
+    return on_rank_zero(lambda: write_run(job, results), "evaluation: writing the run",
+                        share=False)
 
 
 def evaluate_rank(job: EvalJob) -> Optional[dict]:
@@ -389,15 +389,9 @@ def evaluate_rank(job: EvalJob) -> Optional[dict]:
     directory and returns its summary (the others None). ``wmss run`` calls it per model."""
     from megatron_wmss.platform.files import check_output_dir
 
-    if _dist_rank() == 0:
-        check_output_dir(job.out, job.overwrite)
+    on_rank_zero(lambda: check_output_dir(job.out, job.overwrite), "evaluation: output",
+                 share=False)
     return _megatron_worker(job)
-
-
-def _dist_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def run_eval(job: EvalJob) -> dict:

@@ -50,7 +50,8 @@ from megatron_wmss.interop.metadata import (
 )
 from megatron_wmss.models import build_gpt_model
 from megatron_wmss.platform.files import publishing_directory
-from megatron_wmss.training.checkpoint import load_model_checkpoint, write_model_checkpoint
+from megatron_wmss.platform.ranks import on_rank_zero
+from megatron_wmss.models.checkpoint import load_model_checkpoint, write_model_checkpoint
 
 __all__ = [
     "build_stage_model",
@@ -296,14 +297,16 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     else:
         arch = meta.hf_architecture or _default_architecture(cfg)
         hf_config = hf_config_from_model_config(meta.model, arch, dtype)
-    if dist.get_rank() == 0:
+
+    def write_hf() -> None:
         tensors = {k: v.to(out_dtype) for k, v in hf_state_dict(model, cfg).items()}
         with publishing_directory(out, overwrite) as tmp:
             write_safetensors(tensors, tmp, max_shard_size)
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
             if meta.tokenizer_dir is not None:
                 copy_tokenizer_files(meta.tokenizer_dir, tmp)
-    dist.barrier()
+
+    on_rank_zero(write_hf, f"export to {out}", share=False)
     return out
 
 

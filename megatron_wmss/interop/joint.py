@@ -21,7 +21,7 @@ from megatron_wmss.interop.convert import (
 from megatron_wmss.interop.hf_io import check_output_dir
 from megatron_wmss.interop.metadata import copy_model_metadata, read_model_metadata
 from megatron_wmss.models import JointGPTModel
-from megatron_wmss.training.checkpoint import load_model_checkpoint, unwrap_model
+from megatron_wmss.models.checkpoint import load_model_checkpoint, unwrap_model
 
 __all__ = ["check_checkpoints_compatible", "load_joint_from_checkpoints",
            "write_joint_checkpoint"]

@@ -70,6 +70,9 @@ def write_model_metadata(directory: str | os.PathLike, model: ModelConfig, *,
                          tokenizer_src: str | os.PathLike | None = None) -> None:
     """Write ``wmss_model.json`` (and ``hf_config.json``, ``tokenizer/``) into ``directory``."""
     directory = Path(directory)
+    # A description serves loading (init, export, evaluation): dropout is a setting of one
+    # training run, which a run started from this checkpoint must not inherit unasked.
+    model = dataclasses.replace(model, hidden_dropout=0.0, attention_dropout=0.0)
     record = {"format": _FORMAT, "model": dataclasses.asdict(model),
               "hf_architecture": hf_architecture, "hf_dtype": hf_dtype}
     (directory / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")

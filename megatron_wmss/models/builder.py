@@ -45,8 +45,9 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
     """Keyword arguments of megatron-core's ``TransformerConfig`` for ``cfg`` at this layout.
 
     A plain dict so the mapping (FP8 included) is testable where TE cannot be imported.
-    Fusions that need CUDA kernels are enabled only on CUDA; dropout is off (SFT-style
-    fine-tuning, and bit-comparable runs across layouts). ``calculate_per_token_loss`` makes
+    Fusions that need CUDA kernels are enabled only on CUDA; dropout is ``cfg``'s (off by
+    default: SFT-style fine-tuning, and bit-comparable runs across layouts; with dropout a
+    resume is exact at the same layout only). ``calculate_per_token_loss`` makes
     megatron's schedule and gradient finalization weight every supervised token equally across
     micro-batches and data-parallel ranks.
     """
@@ -74,8 +75,8 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
         add_bias_linear=False,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -52,14 +52,15 @@ def _parser() -> ArgumentParser:
 
 def _pipeline_rank(config) -> int:
     from megatron_wmss.pipeline.report import write_report
-    from megatron_wmss.pipeline.stages import _barrier, _rank, plan_stages, run_stages
+    from megatron_wmss.pipeline.stages import plan_stages, run_stages
+    from megatron_wmss.platform.ranks import on_rank_zero
+
+    def report() -> None:
+        print(f"wmss run: report {write_report(config)}", flush=True)
 
     code = run_stages(config, plan_stages(config))
     if code == 0:
-        if _rank() == 0:
-            path = write_report(config)
-            print(f"wmss run: report {path}", flush=True)
-        _barrier()
+        on_rank_zero(report, "report", share=False)
     return code
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_wmss.pipeline.config import PipelineConfig
+from megatron_wmss.platform.ranks import on_rank_zero
 
 __all__ = ["PREEMPTED", "Stage", "model_path", "plan_stages", "run_stages"]
 
@@ -228,16 +229,13 @@ def _run_select(config: PipelineConfig, stage: Stage) -> dict:
     from megatron_wmss.curriculum.select import SelectionConfig, run_select
 
     out = stage.directory(config.root)
-    summary = None
-    if _rank() == 0:
-        entropy = lambda ref: str(config.root / ref / "entropy.jsonl")  # noqa: E731
-        summary = run_select(entropy(stage.params["weak"]), entropy(stage.params["strong"]), out,
-                             SelectionConfig(**config.selection, seed=stage.seed),
-                             overwrite=True)
-    _barrier()
+    entropy = lambda ref: str(config.root / ref / "entropy.jsonl")  # noqa: E731
+    summary = on_rank_zero(
+        lambda: run_select(entropy(stage.params["weak"]), entropy(stage.params["strong"]), out,
+                           SelectionConfig(**config.selection, seed=stage.seed),
+                           overwrite=True), f"{stage.id}: selection")
     return {"active_set": str(out / "active_set.jsonl"),
-            "unique_kept": summary["unique_kept"] if summary else None,
-            "fraction_kept": summary["fraction_kept"] if summary else None}
+            "unique_kept": summary["unique_kept"], "fraction_kept": summary["fraction_kept"]}
 
 
 def _run_extract(config: PipelineConfig, stage: Stage) -> dict:
@@ -273,8 +271,7 @@ def _run_eval(config: PipelineConfig, stage: Stage) -> dict:
     else:  # an HF base: lm-eval's own backend, on rank 0
         from megatron_wmss.evaluation.runner import run_eval
 
-        summary = run_eval(job) if _rank() == 0 else None
-        _barrier()
+        summary = on_rank_zero(lambda: run_eval(job), f"{stage.id}: evaluation", share=False)
     if summary is None:
         return {}
     return {"model": model, "label": stage.label,
@@ -302,8 +299,6 @@ def read_marker(config: PipelineConfig, stage: Stage) -> Optional[dict]:
 def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
     """Run every unmarked stage on this rank (all ranks call it); 0 when all are done, the
     trainer's code (75: preempted, 3: non-finite) when a training stage stopped early."""
-    from megatron_wmss.platform.files import write_file_atomic
-
     for number, stage in enumerate(stages, 1):
         where = f"wmss run: [{number}/{len(stages)}] {stage.id} ({stage.kind})"
         if read_marker(config, stage) is not None:
@@ -318,13 +313,19 @@ def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
             result = _RUNNERS[stage.kind](config, stage)
         except _StageStopped as stop:
             return stop.code
+        # A rank that failed inside the stage is past announcing it here (its peers may sit in
+        # a collective of the stage): the launcher ends them (platform/ranks.py).
         _barrier()
-        if _rank() == 0:
-            marker = stage.marker(config.root)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(marker, json.dumps({"stage": stage.id, "kind": stage.kind,
-                                                  "seed": stage.seed, "label": stage.label,
-                                                  "params": stage.params, "result": result},
-                                                 indent=2) + "\n")
-        _barrier()
+        on_rank_zero(lambda: _write_marker(config, stage, result), f"{stage.id}: marker")
     return 0
+
+
+def _write_marker(config: PipelineConfig, stage: Stage, result: dict) -> None:
+    from megatron_wmss.platform.files import write_file_atomic
+
+    marker = stage.marker(config.root)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(marker, json.dumps({"stage": stage.id, "kind": stage.kind,
+                                          "seed": stage.seed, "label": stage.label,
+                                          "params": stage.params, "result": result},
+                                         indent=2) + "\n")

@@ -14,8 +14,20 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["check_output_dir", "fsync_tree", "publishing_directory", "replace_directory",
-           "write_file_atomic"]
+from megatron_wmss.platform.errors import PeerFailure, exception_message, is_user_error
+from megatron_wmss.platform.ranks import settle
+
+__all__ = ["CollectiveAbandoned", "check_output_dir", "fsync_tree", "publishing_directory",
+           "replace_directory", "write_file_atomic"]
+
+
+class CollectiveAbandoned(RuntimeError):
+    """Raised on a rank that failed between the collectives of a rank-parallel writer (a
+    rank-0-only write inside ``dist_checkpointing.save``, say) while its peers wait in one it
+    will never join. ``publishing_directory(collective=True)`` then runs no collective (none
+    could match them: every rank would hang), removes the temporary directory from this rank
+    and re-raises; the launcher ends the waiting peers once this rank exits. The original
+    error is ``__cause__``."""
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -107,10 +119,12 @@ def publishing_directory(final: str | os.PathLike, overwrite: bool = False, *,
     megatron's ``dist_checkpointing.save``). Rank 0 of the group alone checks, creates, syncs
     and renames. Collectives: a broadcast on entry (the path, or rank 0's refusal, so every
     rank raises alike); an all-gather of every rank's success on exit (none publishes if any
-    rank raised; the others raise RuntimeError naming it); a broadcast of rank 0's publishing
-    outcome, so that on return every rank sees ``final``. Rank 0 syncs the whole tree, which
-    flushes what its node wrote; files written on other nodes are as durable as their
-    filesystem makes them on close.
+    rank raised; the others raise :class:`~megatron_wmss.platform.errors.PeerFailure` with the
+    first failing rank's message); a broadcast of rank 0's publishing
+    outcome, so that on return every rank sees ``final``. A body that raises
+    :class:`CollectiveAbandoned` skips the all-gather (see there). Rank 0 syncs the whole
+    tree, which flushes what its node wrote; files written on other nodes are as durable as
+    their filesystem makes them on close.
     """
     final = Path(final)
     if collective:
@@ -146,29 +160,37 @@ def _collective_publishing(final: Path, overwrite: bool, group, tag: str | None,
             raise err
         return value
 
-    def agree(ok: bool) -> list[int]:
-        """Every rank's success; rank 0 removes the temporary directory if any failed."""
-        oks = [None] * dist.get_world_size(group)
-        dist.all_gather_object(oks, ok, group=group)
-        failed = [r for r, good in enumerate(oks) if not good]
+    def agree(error: Exception | None) -> None:
+        """Every rank's outcome; if any failed, rank 0 removes the temporary directory and
+        each rank that did not fail raises PeerFailure with the first failure's message."""
+        mine = None if error is None else (type(error).__name__, exception_message(error),
+                                           is_user_error(error))
+        outcomes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(outcomes, mine, group=group)
+        failed = [r for r, outcome in enumerate(outcomes) if outcome is not None]
         if failed and rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        return failed
+        if failed:
+            settle(group)
+        if failed and error is None:
+            first = failed[0] if group is None else dist.get_global_rank(group, failed[0])
+            raise PeerFailure(first, f"writing {final}; nothing was published",
+                              *outcomes[failed[0]])
 
     tmp = Path(from_leader(lambda: str(_make_tmp(final, overwrite, tag))))
     try:
         yield tmp
-    except Exception:
-        agree(False)
+    except CollectiveAbandoned:  # the peers wait in another collective: join none
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as err:
+        agree(err)
         raise
     except BaseException:  # interrupted: no collectives; rank 0 drops what was written
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    failed = agree(True)
-    if failed:
-        raise RuntimeError(f"rank(s) {failed} of the group failed while writing {final}; "
-                           "nothing was published")
+    agree(None)
     from_leader(lambda: _publish(tmp, final, overwrite, fsync))
 
 

@@ -84,12 +84,17 @@ def _free_port() -> int:
 def distributed_from_env(tp: int, pp: int, env: Optional[Mapping[str, str]] = None
                          ) -> Iterator[RankInfo]:
     """Join the process group the launcher set up and initialize megatron's parallel state
-    (data parallel is what tp x pp leaves); tear both down on exit."""
+    (data parallel is what tp x pp leaves); tear both down on exit.
+
+    Inside, a rank that raises tells every rank, and a rank told ends at once with that error
+    (:func:`megatron_wmss.platform.ranks.watching_for_peer_failures`): its peers may be
+    blocked in a collective it will never enter."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_wmss.platform.cpu_shims import apply_cpu_shims
+    from megatron_wmss.platform.ranks import watching_for_peer_failures
 
     info = rank_info_from_env(env)
     if info.world_size % (tp * pp):
@@ -108,7 +113,8 @@ def distributed_from_env(tp: int, pp: int, env: Optional[Mapping[str, str]] = No
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp)
     try:
-        yield info
+        with watching_for_peer_failures():
+            yield info
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -19,7 +19,6 @@ with ``spawn``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import multiprocessing as mp
 import os
 import pickle
@@ -29,48 +28,15 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from megatron_wmss.platform.errors import exception_message, is_user_error
+from megatron_wmss.platform.errors import (
+    DistributedRunError,
+    PeerFailure,
+    RankFailure,
+    exception_message,
+    is_user_error,
+)
 
-__all__ = ["DistributedRunError", "RankFailure", "run_distributed"]
-
-
-@dataclasses.dataclass(frozen=True)
-class RankFailure:
-    """What one rank raised, as sent to the parent (exceptions themselves may not pickle)."""
-
-    rank: int
-    exc_type: str
-    """The exception class name, e.g. ``ValueError``."""
-    exc_message: str
-    traceback: str
-    user_error: bool
-    """See :func:`megatron_wmss.platform.errors.is_user_error`."""
-
-
-class DistributedRunError(RuntimeError):
-    """A distributed run failed on some rank or timed out.
-
-    ``str()`` is the full report: every failing rank's traceback, the first to fail first.
-    ``failures`` holds them as :class:`RankFailure` in that order (empty on a time-out or when a
-    rank died without reporting); ``rank``, ``exc_type``, ``exc_message`` and ``traceback`` are
-    the first failure's, None when there is none.
-    """
-
-    def __init__(self, report: str, failures: Sequence[RankFailure] = ()) -> None:
-        super().__init__(report)
-        self.failures = list(failures)
-        first = self.failures[0] if self.failures else None
-        self.rank = None if first is None else first.rank
-        self.exc_type = None if first is None else first.exc_type
-        self.exc_message = None if first is None else first.exc_message
-        self.traceback = None if first is None else first.traceback
-
-    def __reduce__(self):
-        return type(self), (str(self), self.failures)
-
-    def user_failure(self) -> RankFailure | None:
-        """The first failure that is a user error (its peers often fail only as a result)."""
-        return next((f for f in self.failures if f.user_error), None)
+__all__ = ["run_distributed"]
 
 
 def _rank_main(
@@ -85,6 +51,7 @@ def _rank_main(
     # One intra-op thread per rank: several ranks share the machine's few cores, and
     # oversubscription makes gloo runs slower by an order of magnitude.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    reported = False
     try:
         from megatron_wmss.platform.backends import quiet_expected_megatron_warnings
 
@@ -118,6 +85,13 @@ def _rank_main(
         )
         try:
             value = fn(*args, **kwargs)
+        except BaseException as exc:
+            # Report before the teardown: the parent stops every rank on the first failure,
+            # and a teardown that waits for peers (NCCL's, while they sit in a collective)
+            # must not hold the report back.
+            results.put((rank, False, _rank_failure(rank, exc)))
+            reported = True
+            raise
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
@@ -125,8 +99,14 @@ def _rank_main(
         # that vanishes with this process before the parent reads it.
         results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-        results.put((rank, False, RankFailure(rank, type(exc).__name__, exception_message(exc),
-                                              traceback.format_exc(), is_user_error(exc))))
+        if not reported:
+            results.put((rank, False, _rank_failure(rank, exc)))
+
+
+def _rank_failure(rank: int, exc: BaseException) -> RankFailure:
+    """``exc`` (being handled) as the parent receives it."""
+    return RankFailure(rank, type(exc).__name__, exception_message(exc), traceback.format_exc(),
+                       is_user_error(exc), exc.rank if isinstance(exc, PeerFailure) else None)
 
 
 def run_distributed(
@@ -297,16 +277,19 @@ def _failure_report(fn, first: RankFailure, results, grace: float = 2.0
                     ) -> tuple[str, list[RankFailure]]:
     """The first failing rank's traceback, then those of ranks that failed right after it
     (often only because their peer went away), so the root cause reads first; and the
-    failures in that order."""
+    failures in that order. A rank that stopped because a peer failed (``peer`` set) may
+    report before that peer does: root causes go first."""
     failures = [first]
-    report = [f"{getattr(fn, '__name__', fn)} failed on rank {first.rank}:\n{first.traceback}"]
     deadline = time.monotonic() + grace
     while (remaining := deadline - time.monotonic()) > 0:
         try:
-            other, ok, value = results.get(timeout=remaining)
+            _, ok, value = results.get(timeout=remaining)
         except queue.Empty:
             break
         if not ok:
             failures.append(value)
-            report.append(f"then on rank {other}:\n{value.traceback}")
+    failures.sort(key=lambda f: f.peer is not None)  # stable: arrival order within each kind
+    head, *rest = failures
+    report = [f"{getattr(fn, '__name__', fn)} failed on rank {head.rank}:\n{head.traceback}"]
+    report += [f"then on rank {f.rank}:\n{f.traceback}" for f in rest]
     return "\n".join(report), failures

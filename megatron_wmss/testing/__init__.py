@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from megatron_wmss.platform.spawn import DistributedRunError
+from megatron_wmss.platform.errors import DistributedRunError
 from megatron_wmss.platform.spawn import run_distributed as _run_distributed
 
 __all__ = ["DistributedRunError", "run_distributed"]

@@ -8,8 +8,11 @@ Under torchrun or srun each process is one rank (see :mod:`megatron_wmss.platfor
 ``--nproc-per-node N`` starts N local ranks itself (NCCL with a GPU each where there are N
 GPUs, gloo on CPU). The recipe is checked in full before any rank starts or anything is
 written. Exit status: 0 done, 75 (:data:`PREEMPTION_EXIT_CODE`) saved after SIGTERM / SIGUSR1
-/ the time limit (rerun the same command to resume; the Slurm script requeues on it), 3 stopped
-on non-finite steps, 2 a bad recipe or input, 1 anything unexpected.
+/ the time limit (rerun the same command to resume; the Slurm script requeues on it), 74
+(:data:`~megatron_wmss.training.state.CHECKPOINT_IO_EXIT_CODE`) checkpoint storage: no space
+left for a checkpoint, or no intact checkpoint to resume from (one line naming the directory;
+rerun once space is freed or the checkpoints restored), 3 stopped on non-finite steps, 2 a bad
+recipe or input, 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from megatron_wmss.platform.errors import ArgumentParser
 __all__ = ["NONFINITE_EXIT_CODE", "train_main"]
 
 NONFINITE_EXIT_CODE = 3
+# training.state's CheckpointIOError subclasses, by the name a spawned rank's failure carries.
+_STORAGE_ERRORS = ("CheckpointSpaceError", "DamagedCheckpointError")
 _A_MONTH = 30 * 24 * 3600.0
 
 
@@ -48,12 +53,17 @@ def _parser(command: str) -> ArgumentParser:
 
 def _train_rank(recipe) -> tuple[int, str]:
     """One rank's run (megatron's parallel state is set up): (exit code, message)."""
+    from megatron_wmss.training.state import CHECKPOINT_IO_EXIT_CODE, CheckpointIOError
     from megatron_wmss.training.trainer import NonFiniteTrainingError, run_training
 
     try:
         return run_training(recipe), ""
     except NonFiniteTrainingError as err:
         return NONFINITE_EXIT_CODE, str(err)
+    except CheckpointIOError as err:
+        if not err.every_rank:
+            raise  # its peers wait in a collective: the launcher ends them once this rank fails
+        return CHECKPOINT_IO_EXIT_CODE, str(err)
 
 
 def _print_resolved(recipe) -> None:
@@ -99,16 +109,29 @@ def train_main(command: str, argv: Sequence[str]) -> int:
             raise ValueError(f"--nproc-per-node={args.nproc_per_node} but this machine has "
                              f"{gpus} GPU(s): one rank per GPU (or hide them with "
                              "CUDA_VISIBLE_DEVICES= to train on CPU)")
-        from megatron_wmss.platform.spawn import run_distributed
+        from megatron_wmss.platform.spawn import DistributedRunError, run_distributed
+        from megatron_wmss.training.state import CHECKPOINT_IO_EXIT_CODE
 
-        results = run_distributed(_train_rank, world_size=args.nproc_per_node, tp=tp, pp=pp,
-                                  args=(recipe,), timeout=_A_MONTH, device="auto",
-                                  forward_signals=(signal.SIGTERM, signal.SIGUSR1))
+        try:
+            results = run_distributed(_train_rank, world_size=args.nproc_per_node, tp=tp,
+                                      pp=pp, args=(recipe,), timeout=_A_MONTH, device="auto",
+                                      forward_signals=(signal.SIGTERM, signal.SIGUSR1))
+        except DistributedRunError as err:  # a storage error raised on one rank alone
+            failure = next((f for f in err.failures if f.exc_type in _STORAGE_ERRORS), None)
+            if failure is None:
+                raise
+            print(f"wmss {command}: error: {failure.exc_message}", file=sys.stderr)
+            return CHECKPOINT_IO_EXIT_CODE
     else:
         from megatron_wmss.platform.launch import distributed_from_env
+        from megatron_wmss.training.state import CHECKPOINT_IO_EXIT_CODE, CheckpointIOError
 
-        with distributed_from_env(tp, pp):
-            results = [_train_rank(recipe)]
+        try:
+            with distributed_from_env(tp, pp):
+                results = [_train_rank(recipe)]
+        except CheckpointIOError as err:  # raised on this rank alone: it says so itself
+            print(f"wmss {command}: error: {err}", file=sys.stderr)
+            return CHECKPOINT_IO_EXIT_CODE
     code = max(code for code, _ in results)
     message = next((m for _, m in results if m), "")
     if message and rank_info_from_env().rank == 0:

@@ -25,7 +25,7 @@ from megatron_wmss.config import (
 from megatron_wmss.models import JointGPTModel, build_gpt_model, finalize_joint_model_grads
 from megatron_wmss.platform import apply_cpu_shims, cuda_available
 from megatron_wmss.platform.distrib_optimizer import apply_distributed_optimizer_fix
-from megatron_wmss.training.checkpoint import load_model_checkpoint
+from megatron_wmss.models.checkpoint import load_model_checkpoint
 
 __all__ = ["TrainingSetup", "is_weak_param", "setup_training"]
 
@@ -54,7 +54,7 @@ class TrainingSetup:
 
     def load_weights(self, directory, prefix: str = "") -> None:
         """Collectively load model weights from a checkpoint of any layout (see
-        :func:`~megatron_wmss.training.checkpoint.load_model_checkpoint`), then refresh the
+        :func:`~megatron_wmss.models.checkpoint.load_model_checkpoint`), then refresh the
         optimizer's copies of them."""
         load_model_checkpoint(self.model[0], directory, prefix)
         self.weights_changed()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_wmss.data.collate import IGNORE_INDEX
+from megatron_wmss.data.packing import IGNORE_INDEX
 from megatron_wmss.models import JointGPTModel
 from megatron_wmss.platform import cuda_available, default_device
 from megatron_wmss.training.grad_norms import UpdateNorm, per_model_grad_norms

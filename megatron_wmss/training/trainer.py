@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_wmss.platform.ranks import on_rank_zero, rank_zero_first
 from megatron_wmss.training.observe import (
     MetricsLogger,
     ProgressBar,
@@ -37,7 +39,7 @@ from megatron_wmss.training.signals import PREEMPTION_EXIT_CODE, PreemptionGuard
 from megatron_wmss.training.state import (
     TrainState,
     checkpoint_name,
-    find_resume_checkpoint,
+    find_intact_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
 )
@@ -70,23 +72,9 @@ def _tokenize(recipe: Recipe):
     data_cfg = recipe.data
     if data_cfg.cache_dir is None:
         data_cfg = dataclasses.replace(data_cfg, cache_dir=str(recipe.run_dir / "data-cache"))
-    # Rank 0 tokenizes and fills the cache; the others then read it instead of racing. Its
-    # failure (bad data) reaches every rank, which would otherwise wait for it forever.
-    data, failure = None, None
-    if _rank0():
-        try:
-            data = tokenize_sft(data_cfg, tokenizer)
-        except (ValueError, OSError) as err:
-            failure = err
-    box = [None if failure is None else (type(failure), str(failure))]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        if failure is not None:
-            raise failure
-        kind, message = box[0]
-        raise (kind if issubclass(kind, ValueError) else RecipeError)(message)
-    if data is None:
-        data = tokenize_sft(data_cfg, tokenizer)
+    # Rank 0 tokenizes and fills the cache; the others then read it instead of racing. A
+    # failure on any rank reaches every rank, which would otherwise wait for it forever.
+    data = rank_zero_first(lambda: tokenize_sft(data_cfg, tokenizer), "tokenization")
     return tokenizer, data, data_cfg
 
 
@@ -133,7 +121,7 @@ def _load_init_weights(setup, recipe: Recipe, inits: dict) -> None:
     """Each model from its init checkpoint (single-model or one half of a joint one, any
     layout); models without one keep their seeded random weights."""
     from megatron_wmss.interop.convert import checkpoint_prefix
-    from megatron_wmss.training.checkpoint import load_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint
 
     if recipe.joint:
         joint = setup.unwrapped
@@ -199,48 +187,6 @@ def run_training(recipe: Recipe) -> int:
         return _train(recipe, guard)
 
 
-def _resume_key(recipe: Recipe, total: int) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: the objective,
-    the model, the optimizer and schedule, the data and its order. The layout (parallel,
-    memory, micro-batch size) and the logging/checkpoint cadence may change."""
-    from megatron_wmss.config import ARCHITECTURE_FIELDS
-    from megatron_wmss.config.recipe import to_plain
-
-    data = recipe.data
-    return {
-        "command": recipe.command,
-        "model": {name: getattr(recipe.model, name) for name in ARCHITECTURE_FIELDS
-                  + ("params_dtype",) if name != "make_vocab_size_divisible_by"},
-        "optim": to_plain(recipe.optim),
-        "mix": to_plain(recipe.mix),
-        "loss": None if recipe.joint else to_plain(recipe.loss),
-        "data": {"paths": list(data.paths), "schema": data.schema, "max_length":
-                 data.max_length, "overlength": data.overlength, "seed": data.seed,
-                 "shuffle": data.shuffle, "active_set": data.active_set},
-        "trainer": {"epochs": recipe.trainer.epochs, "train_steps": recipe.trainer.train_steps,
-                    "global_batch_size": recipe.trainer.global_batch_size,
-                    "seed": recipe.trainer.seed, "total_steps": total},
-    }
-
-
-def _check_resume_key(saved: Optional[dict], now: dict, resume: Path) -> None:
-    if saved is None:
-        return
-    for section, fields in now.items():
-        old = saved.get(section)
-        if isinstance(fields, dict) and isinstance(old, dict):
-            for name, value in fields.items():
-                if old.get(name) != value:
-                    where = f"{section}.{name}"
-                    raise RecipeError(
-                        f"{where}={value!r} differs from {old.get(name)!r}, which the run "
-                        f"being resumed ({resume}) used; resume with the same {where}, or "
-                        "start a new run with another --run-dir")
-        elif old != fields:
-            raise RecipeError(f"{resume} was written by `wmss {old}`, not `wmss {fields}`; use "
-                              "another --run-dir")
-
-
 PREEMPTED_FILE = "preempted.json"
 
 
@@ -260,25 +206,35 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
 
     run_dir = recipe.run_dir
     checkpoints = run_dir / "checkpoints"
-    if _rank0():
+    def prepare_run_dir() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         _sweep_leftovers(checkpoints)
-    dist.barrier()
+
+    on_rank_zero(prepare_run_dir, "run directory", share=False)
     tokenizer, data, data_cfg = _tokenize(recipe)
     resolve_model(recipe, tokenizer.vocab_size)
-    if _rank0():
-        _write_resolved_config(recipe)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n_micro = recipe.num_microbatches(dp)
     from megatron_wmss.data.collate import epoch_items
+    from megatron_wmss.training.resume_key import check_resume_key, resume_key
 
-    total = recipe.total_steps(epoch_items(data, data_cfg))  # samples, or packed rows
-    resume = find_resume_checkpoint(checkpoints)
-    key = _resume_key(recipe, total)
+    items = epoch_items(data, data_cfg)  # samples, or packed rows
+    total = recipe.total_steps(items)
+    # Checked against its manifest; a damaged one gives way to the one before it (logged).
+    resume = find_intact_checkpoint(
+        checkpoints, log=lambda line: print(f"wmss {recipe.command}: {line}", flush=True))
+    key = resume_key(recipe, tokenizer, data, data_cfg, items_per_epoch=items,
+                     total_steps=total)
     if resume is not None:
-        _check_resume_key(read_train_state(resume).get("recipe"), key, resume)
+        unchecked = check_resume_key(read_train_state(resume).get("recipe"), key, resume)
+        if unchecked and _rank0():
+            print(f"wmss {recipe.command}: warning: resume: checkpoint {resume.name} was "
+                  f"written before {', '.join(unchecked)} were checked on resume; resuming on "
+                  "the assumption that they did not change", file=sys.stderr, flush=True)
+    # After the check: a refused rerun leaves the run's config as it was.
+    on_rank_zero(lambda: _write_resolved_config(recipe), "config.yaml", share=False)
     inits = _import_hf_inits(recipe) if resume is None else recipe.init_paths()
     cfg = _matching_vocab(recipe.model, {"resume": str(resume)} if resume else inits)
     setup = setup_training(cfg, recipe.parallel, recipe.optim, total, mix=recipe.mix,
@@ -354,7 +310,7 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
             if reason is not None:
                 if saved_at != state.step:
                     save()
-                if _rank0():
+                def say_preempted() -> None:
                     # For launchers that hide the exit code (torchrun): the run says it.
                     (run_dir / PREEMPTED_FILE).write_text(json.dumps(
                         {"step": state.step, "reason": reason,
@@ -362,6 +318,9 @@ def _train(recipe: Recipe, guard: PreemptionGuard) -> int:
                     print(f"wmss {recipe.command}: {reason} at step {state.step}: saved; "
                           f"exiting with {PREEMPTION_EXIT_CODE} (rerun the same command to "
                           "resume)", flush=True)
+
+                # Shared: were it to fail, no rank may exit 75 (a requeue) instead of failing.
+                on_rank_zero(say_preempted, "preemption", share=False)
                 return PREEMPTION_EXIT_CODE
         final = save() if saved_at != state.step else checkpoints / checkpoint_name(state.step)
         if _rank0():

@@ -47,7 +47,7 @@ def _make_checkpoint(workdir, data_path):
     from megatron_wmss.interop.metadata import write_model_metadata
     from megatron_wmss.models import build_gpt_model
     from megatron_wmss.platform.files import publishing_directory
-    from megatron_wmss.training.checkpoint import write_model_checkpoint
+    from megatron_wmss.models.checkpoint import write_model_checkpoint
     from megatron_wmss.training.step import causal_attention_mask
 
     from megatron.core import tensor_parallel
@@ -217,7 +217,7 @@ def _small_vocab_checkpoint(workdir):
     from megatron_wmss.interop.metadata import write_model_metadata
     from megatron_wmss.models import build_gpt_model
     from megatron_wmss.platform.files import publishing_directory
-    from megatron_wmss.training.checkpoint import write_model_checkpoint
+    from megatron_wmss.models.checkpoint import write_model_checkpoint
 
     cfg = dataclasses.replace(_model_config(), vocab_size=256)
     tensor_parallel.model_parallel_cuda_manual_seed(0)

@@ -136,7 +136,7 @@ def _layout_run(cases, workdir, tokens, joint):
     )
     from megatron_wmss.interop.convert import build_stage_model
     from megatron_wmss.models import JointGPTModel
-    from megatron_wmss.training.checkpoint import load_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

@@ -113,7 +113,7 @@ def _params(module):
 
 
 def _reference(workdir):
-    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     out = {}
     for freeze in (False, True):
@@ -143,7 +143,7 @@ def _direct_loss(joint):
 
 def _layout_run(workdir, chunked=False):
     from megatron_wmss.training import is_weak_param
-    from megatron_wmss.training.checkpoint import load_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint
 
     out = {}
     for freeze in (False, True):
@@ -220,7 +220,7 @@ def test_layout_reproduces_reference_trajectory(reference, tp, pp, dp, impl):
 
 def _sft_and_diagnostics_chunked_vs_unfused(workdir):
     from megatron_wmss.training import causal_attention_mask
-    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     out = {}
     for tied in (True, False):
@@ -265,7 +265,7 @@ def test_chunked_sft_loss_and_diagnostics_match_the_unfused_ones(reference):
 
 def _lambda_extremes(workdir):
     """λ=1 against plain SFT of the strong model; λ=0 leaves the strong model untouched."""
-    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     joint = _setup(False, mix_lambda=1.0, tied=False)
     save_model_checkpoint(joint.model[0], f"{workdir}/lam-init")
@@ -342,7 +342,7 @@ def _bf16_main_params_follow_loaded_weights(workdir):
 
     from megatron_wmss.config import MixConfig, OptimConfig, ParallelConfig
     from megatron_wmss.training import setup_training
-    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     cfg = _model_config()
     cfg.params_dtype = "bfloat16"

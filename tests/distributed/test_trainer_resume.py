@@ -26,16 +26,19 @@ RECIPES = REPO / "examples" / "recipes"
 STEPS, SAVE_EVERY = 12, 3
 SHORT = [f"trainer.train_steps={STEPS}", f"trainer.save_interval={SAVE_EVERY}",
          "trainer.progress_bar=false", "trainer.keep_last=10"]
+# Dropout in the joint runs: their SIGKILL tests below then reproduce every loss only when the
+# resume restores each rank's RNG streams (checked: without the restore they fail).
+DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
 LAYOUTS = {
     "tp2-sft": ("sft", ["parallel.tensor_model_parallel_size=2"]),
     # λ ramps over the first 6 steps: a resume that restarted the schedule would show.
     "pp2-joint": ("joint", ["parallel.pipeline_model_parallel_size=2",
                             "data.pad_to_max_length=true", "mix.lambda_start=0.9",
-                            "mix.lambda_ramp_steps=6"]),
+                            "mix.lambda_ramp_steps=6", *DROPOUT]),
     # What CUDA runs default to: sharded optimizer state, both communication overlaps.
     "dp2-distopt-joint": ("joint", ["memory.distributed_optimizer=true",
                                     "memory.overlap_grad_reduce=true",
-                                    "memory.overlap_param_gather=true"]),
+                                    "memory.overlap_param_gather=true", *DROPOUT]),
 }
 # Another layout adds the same fp32 terms in another order (TP partial sums, DP all-reduce,
 # vocab padding 384 vs 512 rows, pipeline p2p). Measured over the 6 resumed steps: at most
@@ -279,9 +282,16 @@ def test_training_checkpoints_serve_as_init_and_export(references, tmp_path):
 def test_resuming_with_a_changed_recipe_is_refused_in_one_line(references, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(references["tp2-sft"], run_dir)
-    proc = _run("sft", run_dir, ["parallel.tensor_model_parallel_size=2", "optim.lr=0.5"])
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "wmss sft: error: optim.lr=0.5 differs from 0.003, which the run being resumed")
+    # The reported bug: packing switched on with train_steps set (same total steps), where
+    # consumed_samples would have been read as packed rows. Each field of the key is refused
+    # in this one line (tests/unit/test_resume_key.py), before any model is built.
+    proc = _run("sft", run_dir, ["parallel.tensor_model_parallel_size=2",
+                                 "data.pack_sequences=true"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "wmss sft: error: resume: data.pack_sequences changed from False to True since "
+        "checkpoint iter_0000012; start a new run directory (or restore the old setting)")
+    # The refused rerun leaves the run's resolved config as the run wrote it.
+    assert "pack_sequences: false" in (run_dir / "config.yaml").read_text()
     proc = _run("joint", run_dir, [])
     assert proc.returncode == 2 and "written by `wmss sft`, not `wmss joint`" in proc.stderr

@@ -127,8 +127,8 @@ def test_a_non_finite_step_is_skipped_without_touching_weights_or_schedule():
 
 def _crash_in_the_middle_of_a_save(workdir):
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
+    from megatron_wmss.platform import manifest
     from megatron_wmss.training.state import (
         TrainState,
         find_resume_checkpoint,
@@ -142,21 +142,23 @@ def _crash_in_the_middle_of_a_save(workdir):
     batches = _rank_batches()
     train_step(setup, iter(batches), num_microbatches=len(batches), micro_batch_size=MICRO)
     save_training_checkpoint(setup, TrainState(step=1), workdir, keep_last=2)
-    real_save = dist_checkpointing.save
+    real_crc = manifest.file_crc32
 
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)  # every rank wrote its shards ...
+    def die_on_rank1(path):
+        # Every rank wrote its shards; reading them back for the manifest, one rank fails.
+        # (A failure inside megatron's own save is tests/distributed/test_checkpoint_storage.)
         if dist.get_rank() == 1:
-            raise OSError("injected: node lost while saving")  # ... then one rank fails
+            raise OSError("injected: node lost while saving")
+        return real_crc(path)
 
-    dist_checkpointing.save = save_then_die
+    manifest.file_crc32 = die_on_rank1
     try:
         save_training_checkpoint(setup, TrainState(step=2), workdir, keep_last=2)
         failed = None
     except Exception as err:  # noqa: BLE001 - both ranks must see the failure
         failed = type(err).__name__
     finally:
-        dist_checkpointing.save = real_save
+        manifest.file_crc32 = real_crc
     found = find_resume_checkpoint(workdir)
     fresh = _setup(joint=False, seed=99)
     state = load_training_checkpoint(fresh, found)

@@ -60,7 +60,7 @@ def _train(setup):
 
 
 def _cpu_reference(workdir):
-    from megatron_wmss.training.checkpoint import save_model_checkpoint
+    from megatron_wmss.models.checkpoint import save_model_checkpoint
 
     setup = _setup("float32")
     save_model_checkpoint(setup.model[0], f"{workdir}/init")
@@ -100,7 +100,7 @@ def test_joint_step_on_one_gpu_matches_the_cpu_loss(cpu_reference, impl, fp8, at
 def _te_local_round_trip(workdir):
     from megatron_wmss.config import ParallelConfig
     from megatron_wmss.models import build_gpt_model
-    from megatron_wmss.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_wmss.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     cfg = dataclasses.replace(_model_config(), params_dtype="bfloat16")
     te = build_gpt_model(cfg, ParallelConfig(), use_te=True)

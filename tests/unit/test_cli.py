@@ -53,7 +53,7 @@ def test_user_errors_and_bugs_are_told_apart():
 
 
 def _rank_error(*failures):
-    from megatron_wmss.platform.spawn import DistributedRunError, RankFailure
+    from megatron_wmss.platform.errors import DistributedRunError, RankFailure
 
     return DistributedRunError("report", [RankFailure(r, t, m, "tb", u)
                                           for r, t, m, u in failures])
@@ -88,6 +88,29 @@ def test_run_command_prints_the_first_rank_user_error_in_one_line(capsys, monkey
     assert run_command("wmss x", fail(ValueError("bad --tp"))) == 2
     err_text = capsys.readouterr().err
     assert "Traceback" in err_text and err_text.endswith("wmss x: error: bad --tp\n")
+
+
+def test_a_rank_stopped_by_a_failed_peer_prints_that_error_in_one_line(capsys, monkeypatch):
+    """Its own traceback would bury the failing rank's; it exits like that rank (never 0, never
+    the preemption code 75, which the Slurm script requeues)."""
+    import pickle
+
+    from megatron_wmss.platform.errors import PeerFailure, run_command
+
+    monkeypatch.delenv("WMSS_DEBUG", raising=False)
+    bug = PeerFailure(0, "seed1/select1: selection", "TypeError", "bad\noperand", False)
+    assert str(pickle.loads(pickle.dumps(bug))) == str(bug)
+
+    def fail(exc):
+        def body():
+            raise exc
+        return body
+
+    assert run_command("wmss run", fail(bug)) == 1
+    assert capsys.readouterr().err == (
+        "wmss run: error: rank 0 failed (seed1/select1: selection): TypeError: bad operand\n")
+    assert run_command("wmss run", fail(PeerFailure(3, None, "ValueError", "no file x", True))) == 2
+    assert capsys.readouterr().err == "wmss run: error: rank 3 failed: no file x\n"
 
 
 def test_debug_flag_is_scoped_to_the_command(capsys, monkeypatch):

@@ -108,3 +108,23 @@ def test_packed_loader_visits_every_sample_once_per_epoch(tmp_path, cache_dir, s
             seen += batch["sample_idx"].tolist()
             row_count += batch["tokens"].shape[0]
     assert sorted(seen) == list(range(100, 116)) and row_count == rows
+
+
+def test_packs_hold_the_lengths_of_kept_samples_when_some_are_not_kept(tmp_path, cache_dir,
+                                                                     sp_tokenizer):
+    # Long and short samples alternate; an empty completion (not kept) in the middle made the
+    # packer read every later sample's length from its neighbour: rows of 2x their capacity.
+    rows = [{"idx": i, "prompt": "Q?", "completion": ("word " * (60 if i % 2 else 2)).strip()}
+            for i in range(12)]
+    rows[3]["completion"] = ""
+    config = DataConfig(paths=[write_rows(tmp_path / "d.jsonl", rows)], cache_dir=cache_dir,
+                        micro_batch_size=1, max_length=100, pack_sequences=True)
+    data = tokenize_sft(config, sp_tokenizer)
+    assert data.summary.skipped_empty == 1
+    from megatron_wmss.data.collate import packs_for
+
+    lengths = np.asarray(data.dataset.with_format("numpy")["num_tokens"])
+    assert max(lengths) > config.row_length / 2  # two long samples never fit one row
+    packs = packs_for(data, config)
+    assert sorted(np.concatenate(packs).tolist()) == list(range(len(data)))
+    assert max(int(lengths[pack].sum()) for pack in packs) <= config.row_length

@@ -121,9 +121,11 @@ def test_collective_publishing_is_all_or_nothing(tmp_path):
     assert rank0[0] == rank1[0] == ("ok", published)
     # Every rank refuses the existing output alike (rank 0 checks, all raise).
     assert rank0[1][0].startswith("FileExistsError") and rank1[1][0] == rank0[1][0]
-    # One rank fails: nobody publishes, the others learn which rank failed, no leftovers.
+    # One rank fails: nobody publishes, the others learn which rank failed and why, no
+    # leftovers.
     assert rank1[2][0] == "ValueError: rank 1 broke"
-    assert rank0[2][0].startswith("RuntimeError: rank(s) [1]"), rank0[2]
+    assert rank0[2][0].startswith("PeerFailure: rank 1 failed (writing "), rank0[2]
+    assert rank0[2][0].endswith("nothing was published): rank 1 broke"), rank0[2]
     assert rank0[2][1] == published
 
 

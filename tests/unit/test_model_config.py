@@ -174,3 +174,18 @@ def test_joint_setup_rejects_inconsistent_models_before_building(weak_changes, o
     with pytest.raises(ValueError, match=match):
         setup_training(tiny(), ParallelConfig(), OptimConfig(**optim), 3,
                        mix=MixConfig(freeze_weak=freeze), weak_cfg=tiny(**weak_changes))
+
+
+def test_dropout_reaches_megatron_and_stays_out_of_checkpoint_descriptions(tmp_path):
+    from megatron_wmss.interop.metadata import read_model_metadata, write_model_metadata
+
+    kw = transformer_config_kwargs(tiny(hidden_dropout=0.1, attention_dropout=0.2),
+                                   ParallelConfig(), use_te=False, on_cuda=False)
+    assert (kw["hidden_dropout"], kw["attention_dropout"]) == (0.1, 0.2)
+    # A run started from the checkpoint (or evaluating it) does not inherit a training setting.
+    write_model_metadata(tmp_path, tiny(hidden_dropout=0.1, attention_dropout=0.2))
+    stored = read_model_metadata(tmp_path).model
+    assert (stored.hidden_dropout, stored.attention_dropout) == (0.0, 0.0)
+    with pytest.raises(ValueError, match=r"ModelConfig\.hidden_dropout must be a probability "
+                                         r"in \[0, 1\), got 1\.0"):
+        tiny(hidden_dropout=1.0)

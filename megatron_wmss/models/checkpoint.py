@@ -1,5 +1,10 @@
 """Model checkpoints in megatron-core's distributed format (``torch_dist``), resharding on load.
 
+The models' own persistence, below training and interop, which both read and write model
+checkpoints through it (full training checkpoints, with optimizer and RNG states, are
+:mod:`megatron_wmss.training.state`; they keep the weights at the same keys, so every loader
+here reads them too).
+
 A checkpoint written at one tensor/pipeline layout loads at any other: megatron's sharded
 state dicts carry each tensor's global shape and offsets. Writes are atomic
 (:func:`megatron_wmss.platform.files.publishing_directory`): ranks write into a temporary
