@@ -40,6 +40,11 @@ LAYOUTS = {
                                     "memory.overlap_grad_reduce=true",
                                     "memory.overlap_param_gather=true", *DROPOUT]),
 }
+# `wmss sft` as a long CUDA run would have it: packed rows, sharded optimizer state, dropout
+# (DP=2 on the local layer spec, so micro_batch_size stays the recipe's; TE's THD path alone
+# needs 1). Killed at random wall-clock moments below, not only between steps.
+PACKED_SFT = ["data.pack_sequences=true", "memory.distributed_optimizer=true", *DROPOUT]
+KILLS, KILL_SEED = 3, 0
 # Another layout adds the same fp32 terms in another order (TP partial sums, DP all-reduce,
 # vocab padding 384 vs 512 rows, pipeline p2p). Measured over the 6 resumed steps: at most
 # 4.2e-8 relative; 1e-5 leaves 200x, while a lost optimizer state or a wrong data position
@@ -295,3 +300,31 @@ def test_resuming_with_a_changed_recipe_is_refused_in_one_line(references, tmp_p
     assert "pack_sequences: false" in (run_dir / "config.yaml").read_text()
     proc = _run("joint", run_dir, [])
     assert proc.returncode == 2 and "written by `wmss sft`, not `wmss joint`" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def packed_sft_reference(tmp_path_factory):
+    """The uninterrupted packed `wmss sft` run: (its directory, its wall clock in s)."""
+    run_dir = tmp_path_factory.mktemp("packed") / "run"
+    start = time.monotonic()
+    proc = _run("sft", run_dir, PACKED_SFT)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, time.monotonic() - start
+
+
+def test_sigkill_at_random_moments_then_rerun_reproduces_every_packed_sft_loss(
+        packed_sft_reference, tmp_path):
+    from tests.kills import describe, failures, kill_rounds
+
+    reference, duration = packed_sft_reference
+    want = _losses(reference)
+    # Moments uniform over the uninterrupted run's wall clock, not only between steps: in
+    # startup, tokenization and packing, a step, a save, the shutdown. A rerun after the run
+    # has finished starts a new run directory (tests/kills.py), so all KILLS are real kills.
+    for round_, attempts in kill_rounds(
+            lambda r: _command("sft", tmp_path / f"run{r}", PACKED_SFT), duration=duration,
+            kills=KILLS, seed=KILL_SEED, log_dir=tmp_path / "logs"):
+        story = f"uninterrupted {duration:.1f} s; round {round_}: {describe(attempts)}"
+        print(story)
+        assert not failures(attempts), story
+        assert _losses(tmp_path / f"run{round_}") == want, story

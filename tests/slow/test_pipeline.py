@@ -1,6 +1,7 @@
 """``wmss run`` end to end on a tiny model and the shipped tiny data: every stage, the report,
-and a SIGKILL in the middle of a stage followed by a rerun, which must end with the same
-report as a run that went straight through.
+a SIGKILL in the middle of a stage followed by a rerun, and SIGKILLs at seeded random moments
+each followed by a rerun (tests/kills.py), all of which must end with the same report as a run
+that went straight through.
 
 References are independent of the code under test where they can be: step counts follow from
 the data size and the batch (1 epoch per phase, the baseline 2, phase 3 over the selection's
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES, GLOBAL_BATCH = 64, 16
+KILLS, KILL_SEED = 3, 0  # the random kills below; bench/kill_soak.py runs 50
 
 
 def _wmss(*args, **kwargs) -> subprocess.Popen:
@@ -39,9 +41,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def build_tiny_run(root: Path) -> Path:
+    """The tiny data, eval set and base model under ``root``; returns the `wmss run` config
+    (run directory ``root/run``). Also used by bench/kill_soak.py."""
     rows = [json.loads(line) for line in
             (REPO / "examples/data/tiny_sft.jsonl").read_text().splitlines()][:SAMPLES]
     data = root / "train.jsonl"
@@ -72,7 +74,22 @@ def setup(tmp_path_factory):
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    return root, path
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return root, build_tiny_run(root)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """The run straight through: (its output, its wall clock in s)."""
+    root, config = setup
+    start = time.monotonic()
+    out = _finish(_wmss("run", config))
+    return out, time.monotonic() - start
 
 
 def _steps(run: Path, stage: str) -> int:
@@ -86,9 +103,10 @@ def _report(run: Path) -> tuple[dict, str]:
     return report, (run / "report" / "report.md").read_text()
 
 
-def test_run_then_sigkill_inside_joint_training_and_rerun_gives_the_same_report(setup, capsys):
+def test_run_then_sigkill_inside_joint_training_and_rerun_gives_the_same_report(
+        setup, uninterrupted, capsys):
     root, config = setup
-    out = _finish(_wmss("run", config))
+    out, _ = uninterrupted
     run = root / "run"
     assert f"wmss run: report {run}/report/report.md" in out
     per_epoch = SAMPLES // GLOBAL_BATCH
@@ -149,3 +167,24 @@ def test_run_then_sigkill_inside_joint_training_and_rerun_gives_the_same_report(
     assert "seed7/sft (sft): done, skipped" in out
     assert "resuming from" in out  # the joint stage continued from its checkpoint
     assert _report(killed) == (report, markdown)
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_same_report(setup, uninterrupted,
+                                                                     tmp_path):
+    from tests.kills import describe, failures, kill_rounds
+
+    root, config = setup
+    _, duration = uninterrupted
+    want = _report(root / "run")
+    # Each attempt killed at a moment uniform over the uninterrupted run's wall clock, so the
+    # kills land in any stage (startup, tokenization, entropy, selection, training, a save,
+    # extraction, eval, the report); a rerun after the run has finished starts a new run
+    # directory (tests/kills.py), so all KILLS are real kills.
+    for round_, attempts in kill_rounds(
+            lambda r: [sys.executable, "-m", "megatron_wmss.cli", "run", str(config),
+                       "--run-dir", str(tmp_path / f"run{r}")],
+            duration=duration, kills=KILLS, seed=KILL_SEED, log_dir=tmp_path / "logs"):
+        story = f"uninterrupted {duration:.1f} s; round {round_}: {describe(attempts)}"
+        print(story)
+        assert not failures(attempts), story
+        assert _report(tmp_path / f"run{round_}") == want, story
