@@ -82,9 +82,14 @@ class SFTLossConfig:
         return self.logit_scale == 1.0 and self.label_smoothing == 0.0
 
 
+#: OptimConfig.lr_schedule: the shape after warm-up (megatron's OptimizerParamScheduler styles).
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine or constant learning rate (paper App. E)."""
+    """AdamW with linear warm-up then cosine, linear or constant learning rate (paper App. E:
+    10% warm-up; the authors' scripts: linear decay, no warm-up)."""
 
     lr: float = 1e-5
     """Peak learning rate of the strong model (paper: 1e-5)."""
@@ -93,7 +98,8 @@ class OptimConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay (scaled by weak_lr/lr for the weak model)."""
     lr_schedule: str = "cosine"
-    """After warm-up: cosine (decay to min_lr over the run) or constant."""
+    """After warm-up: cosine or linear (decay to min_lr at the last step; linear with min_lr 0
+    is transformers' get_linear_schedule_with_warmup step for step) or constant."""
     warmup_fraction: float = 0.1
     """Fraction of the optimizer steps spent in linear warm-up from 0 (paper: 10%)."""
     weight_decay: float = 0.0
@@ -114,8 +120,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.weak_lr must be > 0 or null, got {self.weak_lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"OptimConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError("OptimConfig.lr_schedule must be one of ['cosine', 'constant'], "
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"OptimConfig.lr_schedule must be one of {list(LR_SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError("OptimConfig.warmup_fraction must be in [0, 1), got "

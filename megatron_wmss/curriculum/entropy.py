@@ -4,6 +4,10 @@
 
 where T_i are the positions whose logits predict completion tokens (exactly the positions that
 carry the SFT loss: ``labels[t] = tokens[t+1]``), and v runs over the real vocabulary only.
+``positions = "authors"`` reproduces the authors' code instead (utils/compute_entropy.py): the
+logits *at* every token from the start of the first reply's header (``<|im_start|>assistant``)
+to the end of the rendered conversation (nothing appended), i.e. T_i = [answer_start, L) of
+the row tokenized with ``loss_on = all``.
 Teacher-forced, forward-only through megatron's pipeline schedule (any TP/PP), data sharded
 over data-parallel ranks, logits never gathered (vocab-parallel entropy, fp32).
 
@@ -32,10 +36,14 @@ from megatron_wmss.data.config import DataConfig, TokenizerConfig
 from megatron_wmss.platform.files import write_file_atomic
 from megatron_wmss.platform.ranks import on_rank_zero, rank_zero_first
 
-__all__ = ["EntropyJob", "META_SUFFIX", "compute_entropies", "data_fingerprint"]
+__all__ = ["ENTROPY_POSITIONS", "EntropyJob", "META_SUFFIX", "compute_entropies",
+           "data_fingerprint"]
 
 META_SUFFIX = ".meta.json"
 _FORMAT = "wmss-entropy-1"
+#: next-token: the positions predicting supervised tokens (the paper's definition, default);
+#: authors: the logits at the answer tokens, header included (a reproduction mode).
+ENTROPY_POSITIONS = ("next-token", "authors")
 
 
 @dataclass
@@ -54,8 +62,13 @@ class EntropyJob:
     """strong | weak for a joint checkpoint (default strong)."""
     shard_size: int = 1024
     """Samples per resumable shard."""
+    positions: str = "next-token"
+    """Which logits are averaged: next-token (the paper's) or authors (see the module doc)."""
 
     def __post_init__(self) -> None:
+        if self.positions not in ENTROPY_POSITIONS:
+            raise ValueError(f"entropy positions must be one of {list(ENTROPY_POSITIONS)}, got "
+                             f"{self.positions!r}")
         if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) \
                 or self.shard_size < 1:
             raise ValueError(f"shard_size must be an int >= 1, got {self.shard_size!r}")
@@ -111,16 +124,16 @@ def _forward_step(data_iterator, model, *, vocab_size: int):
     length = tokens.shape[1]
     positions = torch.arange(length, device=tokens.device).expand_as(tokens)
     output = model(tokens, positions, causal_attention_mask(length, tokens.device))
-    return output, partial(_entropy_sums, batch["labels"], batch["row"], vocab_size)
+    mask = batch["span"] if "span" in batch else batch["labels"] != -100
+    return output, partial(_entropy_sums, mask, batch["row"], vocab_size)
 
 
-def _entropy_sums(labels, rows, vocab_size, logits):
-    """Per sample of the micro-batch: (row, Σ entropy over supervised positions, count)."""
+def _entropy_sums(mask, rows, vocab_size, logits):
+    """Per sample of the micro-batch: (row, Σ entropy over the positions of ``mask``, count)."""
     from megatron.core import parallel_state as ps
 
     from megatron_wmss.loss import token_entropy
 
-    mask = labels != -100
     # Only the supervised positions are computed: prompts and padding cost nothing.
     entropy_bs = token_entropy(logits, ps.get_tensor_model_parallel_group(), vocab_size, mask)
     sums = torch.where(mask, entropy_bs, 0.0).sum(dim=1, dtype=torch.float64)
@@ -130,12 +143,15 @@ def _entropy_sums(labels, rows, vocab_size, logits):
 
 
 def _micro_batches(data, rows: list[int], micro: int, pad_id: int, pad_to: Optional[int],
-                   multiple: int) -> list[dict]:
+                   multiple: int, positions: str = "next-token") -> list[dict]:
     """Collated micro-batches of ``rows``; the last is filled with empty rows (row −1, no
-    labels) so that every micro-batch has ``micro`` rows, as pipeline stages need."""
+    labels) so that every micro-batch has ``micro`` rows, as pipeline stages need. With the
+    authors' positions each carries ``span`` [b, s] bool: t in [answer_start, length)."""
     from megatron_wmss.data.collate import SFTDataset, collate_sft
 
     dataset = SFTDataset(data)
+    starts = data.dataset.data.column("answer_start").to_numpy() if positions == "authors" \
+        else None
     out = []
     for start in range(0, len(rows), micro):
         chunk = rows[start:start + micro]
@@ -146,6 +162,12 @@ def _micro_batches(data, rows: list[int], micro: int, pad_id: int, pad_to: Optio
         batch = collate_sft(samples, pad_id=pad_id, pad_to_multiple_of=multiple,
                             pad_to_length=pad_to)
         batch["row"] = torch.tensor(chunk + [-1] * fill, dtype=torch.int64)
+        if positions == "authors":
+            at = torch.arange(batch["tokens"].shape[1])
+            start = torch.tensor([starts[r] for r in chunk] + [0] * fill)[:, None]
+            length = torch.tensor([len(s["input_ids"]) for s in samples])[:, None]
+            batch["span"] = (at >= start) & (at < length)
+            batch["span"][len(chunk):] = False
         out.append(batch)
     return out
 
@@ -155,7 +177,7 @@ def _shard_path(parts: Path, shard: int) -> Path:
 
 
 def _run_shard(model, data, rows: list[int], micro: int, pad_id: int, pad_to, multiple,
-               vocab_size: int, seq_length: int) -> list[list[float]]:
+               vocab_size: int, seq_length: int, positions: str) -> list[list[float]]:
     """This rank's (row, sum, count) reports for its share of one shard."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -164,7 +186,7 @@ def _run_shard(model, data, rows: list[int], micro: int, pad_id: int, pad_to, mu
     mine = rows[dp_rank::dp]
     if not mine:
         return []
-    batches = _micro_batches(data, mine, micro, pad_id, pad_to, multiple)
+    batches = _micro_batches(data, mine, micro, pad_id, pad_to, multiple, positions)
     with torch.no_grad():
         reports = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, vocab_size=vocab_size),
@@ -192,8 +214,10 @@ def compute_entropies(job: EntropyJob) -> Path:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"{job.model} only {cfg.vocab_size}: they do not belong together")
-    data_cfg = dataclasses.replace(job.data, shuffle=False, cache_dir=job.data.cache_dir
-                                   or str(parts / "data-cache"))
+    # The authors' rows are the rendered conversations as they are (nothing appended).
+    data_cfg = dataclasses.replace(
+        job.data, shuffle=False, cache_dir=job.data.cache_dir or str(parts / "data-cache"),
+        loss_on="all" if job.positions == "authors" else job.data.loss_on)
     # Rank 0 fills the cache, the others read it.
     data = rank_zero_first(lambda: tokenize_sft(data_cfg, tokenizer), "entropy: tokenization")
 
@@ -217,7 +241,8 @@ def compute_entropies(job: EntropyJob) -> Path:
             continue
         rows = list(range(shard * job.shard_size, min(n, (shard + 1) * job.shard_size)))
         mine = _run_shard(model, data, rows, data_cfg.micro_batch_size, tokenizer.pad_id,
-                          pad_to, data_cfg.pad_to_multiple_of, cfg.vocab_size, pad_to or 0)
+                          pad_to, data_cfg.pad_to_multiple_of, cfg.vocab_size, pad_to or 0,
+                          job.positions)
         gathered = [None] * dist.get_world_size() if _rank0() else None
         dist.gather_object(mine, gathered, dst=0)
 
@@ -269,6 +294,7 @@ def _assemble(job, out: Path, parts: Path, shards: int, cfg, tokenizer, data) ->
     meta = {"format": _FORMAT, "model": str(Path(job.model).resolve()), "which": job.which,
             "vocab_size": cfg.vocab_size, "tokenizer": tokenizer.fingerprint,
             "data_paths": list(job.data.paths), "max_length": job.data.max_length,
-            "data_fingerprint": data_fingerprint(data, tokenizer), "num_samples": len(records)}
+            "data_fingerprint": data_fingerprint(data, tokenizer), "num_samples": len(records),
+            "positions": job.positions}
     write_file_atomic(out.with_name(out.name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(parts, ignore_errors=True)

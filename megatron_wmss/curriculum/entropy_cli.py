@@ -2,6 +2,7 @@
 
     wmss entropy --model CKPT --data train.jsonl --out runs/h_weak.jsonl [--nproc-per-node N]
                  [--tp N] [--pp N] [--micro-batch-size B] [--max-length L] [--tokenizer PATH]
+                 [--positions next-token|authors]
 
 Under torchrun or srun each process is one rank; ``--nproc-per-node N`` starts N local ranks.
 A rerun after a kill recomputes only the shards that were not finished.
@@ -40,6 +41,10 @@ def entropy_main(argv: Sequence[str]) -> int:
     parser.add_argument("--micro-batch-size", type=positive_int, default=8)
     parser.add_argument("--shard-size", type=positive_int, default=1024,
                         help="samples per resumable shard")
+    parser.add_argument("--positions", choices=("next-token", "authors"), default="next-token",
+                        help="next-token: the logits predicting supervised tokens (the paper); "
+                             "authors: the logits at the answer tokens, header included (the "
+                             "authors' code, a reproduction mode)")
     parser.add_argument("--tp", type=positive_int, default=1)
     parser.add_argument("--pp", type=positive_int, default=1)
     parser.add_argument("--nproc-per-node", type=positive_int, default=None)
@@ -54,6 +59,7 @@ def entropy_main(argv: Sequence[str]) -> int:
         resolve_paths(args.data)  # a missing data file fails here, before any rank starts
         job = EntropyJob(
             model=args.model, which=args.which, out=args.out, shard_size=args.shard_size,
+            positions=args.positions,
             data=DataConfig(paths=args.data, schema=args.schema, max_length=args.max_length,
                             micro_batch_size=args.micro_batch_size, shuffle=False),
             tokenizer=TokenizerConfig(path=args.tokenizer) if args.tokenizer else None)

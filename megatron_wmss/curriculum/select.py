@@ -227,6 +227,11 @@ def check_compatible(weak: EntropyTable, strong: EntropyTable) -> None:
         raise ValueError(f"{weak.path} and {strong.path} are entropies of different data: "
                          f"data_fingerprint {a!r} vs {b!r} (their .meta.json); compute both on "
                          "the same training set")
+    a, b = weak.meta.get("positions", "next-token"), strong.meta.get("positions", "next-token")
+    if a != b:
+        raise ValueError(f"{weak.path} and {strong.path} average entropies over different "
+                         f"positions: {a!r} vs {b!r} (their .meta.json); compute both with the "
+                         "same wmss entropy --positions")
     a, b = weak.meta.get("vocab_size"), strong.meta.get("vocab_size")
     if a is not None and b is not None and a != b:
         raise ValueError(f"{weak.path} and {strong.path} come from models with different "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "LOSS_SPANS",
     "OVERLENGTH_POLICIES",
     "SCHEMAS",
     "TOKENIZER_KINDS",
@@ -20,6 +21,8 @@ __all__ = [
 SCHEMAS = ("auto", "chat", "prompt_completion", "question_answer", "instruction_output")
 #: What to do with a sample longer than ``max_length`` tokens.
 OVERLENGTH_POLICIES = ("truncate", "drop")
+#: data.loss_on: the supervised span of SFT and joint training.
+LOSS_SPANS = ("completion", "all")
 #: Tokenizer back ends; "auto" means a file is a SentencePiece model, a directory an HF tokenizer.
 TOKENIZER_KINDS = ("auto", "hf", "sentencepiece")
 
@@ -109,6 +112,10 @@ class DataConfig:
     variable sequence lengths needs one shape."""
     active_set: str | None = None
     """JSON/JSONL file of sample idx, duplicates allowed (the curriculum's D_active); null: all."""
+    loss_on: str = "completion"
+    """Which tokens carry the loss: completion (the assistant replies, each closed by EOS; the
+    paper's) or all (every token of the conversation exactly as the chat template renders it,
+    nothing appended: what the authors' TRL SFTTrainer trains on a ``messages`` dataset)."""
     pack_sequences: bool = False
     """Pack several samples per row of ``max_length`` (rounded up to pad_to_multiple_of)
     tokens, attention confined to each sample, positions restarting per sample; then
@@ -137,6 +144,7 @@ class DataConfig:
         _check_int("data.pad_to_multiple_of", self.pad_to_multiple_of, 1)
         _check_bool("data.pad_to_max_length", self.pad_to_max_length)
         _check_optional_str("data.active_set", self.active_set)
+        _check_choice("data.loss_on", self.loss_on, LOSS_SPANS)
         _check_bool("data.pack_sequences", self.pack_sequences)
 
     @property

@@ -1,7 +1,10 @@
 """Tokenization of supervised data through the tokenizer's chat template, cached and parallel.
 
 Each input table is mapped once (``datasets.map``, ``num_proc`` workers) to rows of
-``idx, input_ids [L] int32, assistant_mask [L] bool, num_tokens, num_targets, status``.
+``idx, input_ids [L] int32, assistant_mask [L] bool, answer_start, num_tokens, num_targets,
+status`` (``assistant_mask``: the supervised tokens, per ``data.loss_on``; ``answer_start``: the
+first token after the conversation up to its first reply rendered without the generation
+prompt, i.e. where the authors' entropy span begins, header included).
 The map output is cached by ``datasets`` under a fingerprint of the input table, the tokenizer
 and the settings that decide the ids, so phases 1-3 tokenize once. Rows that cannot be used keep
 their idx and a status, so the summary is recomputed from the table, cached or not, and nothing
@@ -37,7 +40,7 @@ __all__ = ["Status", "TokenizeSummary", "TokenizedSFT", "tokenize_sft"]
 logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump when the row layout or the rules below change.
-_ROW_FORMAT_VERSION = "wmss-sft-rows-1"
+_ROW_FORMAT_VERSION = "wmss-sft-rows-2"
 _MAP_BATCH_SIZE = 256
 
 
@@ -87,7 +90,7 @@ class _TokenizeRows:
     """The ``datasets.map`` function for one source (batched, with row indices)."""
 
     def __init__(self, tokenizer: ChatTokenizer, source: Source, max_length: int,
-                 overlength: str) -> None:
+                 overlength: str, loss_on: str = "completion") -> None:
         self.tokenizer = tokenizer
         self.schema = source.schema
         self.name = source.name
@@ -96,6 +99,7 @@ class _TokenizeRows:
         self.columns = schema_columns(source.schema, source.table.column_names)
         self.max_length = max_length
         self.drop_overlength = overlength == "drop"
+        self.supervise_all = loss_on == "all"
 
     def __call__(self, batch: dict[str, list], rows: list[int]) -> dict[str, list]:
         idx = batch["idx"] if self.has_idx else [self.first_row + r for r in rows]
@@ -104,15 +108,22 @@ class _TokenizeRows:
             fields = {c: batch[c][j] for c in self.columns}
             messages = row_to_messages(self.schema, fields, f"{self.name} row {row} (idx {idx[j]})")
             conversations.append(messages if has_completion(messages) else None)
-        encoded = iter(self.tokenizer.encode_chat_batch([c for c in conversations if c]))
+        kept = [c for c in conversations if c]
+        encoded = iter(self.tokenizer.encode_chat_batch(kept, supervise_all=self.supervise_all))
+        # The prompt before the first reply, without the generation prompt, encoded alone: its
+        # length is where the authors' entropy span starts (curriculum entropy positions).
+        prompts = iter(_prompt_lengths(self.tokenizer, kept))
         out: dict[str, list] = {"idx": idx, "input_ids": [], "assistant_mask": [],
-                                "num_tokens": [], "num_targets": [], "status": []}
+                                "answer_start": [], "num_tokens": [], "num_targets": [],
+                                "status": []}
         for conversation in conversations:
             ids: list[int] = []
             mask: list[bool] = []
             status = Status.SKIPPED_EMPTY
+            answer_start = 0
             if conversation is not None:
                 ids, mask = next(encoded)
+                answer_start = next(prompts)
                 status = Status.KEPT
                 if len(ids) > self.max_length:
                     status = Status.DROPPED_OVERLENGTH if self.drop_overlength else Status.TRUNCATED
@@ -124,23 +135,34 @@ class _TokenizeRows:
                     ids, mask = [], []
             out["input_ids"].append(ids)
             out["assistant_mask"].append(mask)
+            out["answer_start"].append(min(answer_start, len(ids)))
             out["num_tokens"].append(len(ids))
             out["num_targets"].append(sum(mask[1:]))
             out["status"].append(int(status))
         return out
 
 
+def _prompt_lengths(tokenizer: ChatTokenizer, conversations: list[list[dict]]) -> list[int]:
+    """Tokens of each conversation's turns before its first reply, rendered without the
+    generation prompt and encoded alone (as the authors' entropy code measures a prompt)."""
+    prefixes = [c[:next(i for i, m in enumerate(c) if m["role"] == "assistant")]
+                for c in conversations]
+    encoded = iter(tokenizer.encode_chat_batch([p for p in prefixes if p]))
+    return [len(next(encoded)[0]) if p else 0 for p in prefixes]
+
+
 def _features() -> datasets.Features:
     from datasets import Features, Sequence, Value
 
     return Features({"idx": Value("int64"), "input_ids": Sequence(Value("int32")),
-                     "assistant_mask": Sequence(Value("bool")), "num_tokens": Value("int32"),
+                     "assistant_mask": Sequence(Value("bool")),
+                     "answer_start": Value("int32"), "num_tokens": Value("int32"),
                      "num_targets": Value("int32"), "status": Value("int8")})
 
 
 def _fingerprint(source: Source, tokenizer: ChatTokenizer, config: DataConfig) -> str:
     key = [_ROW_FORMAT_VERSION, source.table._fingerprint, source.schema, source.first_row,
-           tokenizer.fingerprint, config.max_length, config.overlength]
+           tokenizer.fingerprint, config.max_length, config.overlength, config.loss_on]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:40]
 
 
@@ -200,7 +222,8 @@ def tokenize_sft(config: DataConfig, tokenizer: ChatTokenizer) -> TokenizedSFT:
     tables = []
     for source in sources:
         tables.append(source.table.map(
-            _TokenizeRows(tokenizer, source, config.max_length, config.overlength),
+            _TokenizeRows(tokenizer, source, config.max_length, config.overlength,
+                          config.loss_on),
             batched=True, batch_size=_MAP_BATCH_SIZE, with_indices=True,
             remove_columns=source.table.column_names, features=_features(),
             num_proc=config.num_proc if config.num_proc > 1 else None,

@@ -1,9 +1,12 @@
 """Tokenizers behind one interface: HF ``AutoTokenizer`` directories and SentencePiece models.
 
 A chat is rendered as *pieces* of text, each either prompt (unsupervised) or assistant
-(supervised), and each piece is encoded on its own. Encoding the assistant text on its own makes
-its tokens decode back to exactly that text, and makes the prompt tokens end exactly where the
-generation prompt ends at inference (where the prompt is encoded alone, too).
+(supervised). HF fast tokenizers encode the whole rendered conversation at once and mark as
+supervised each token whose characters overlap a reply, so the ids are exactly those of the text
+the template renders (as HF/TRL train on it; tests/unit/test_bpe_boundary.py shows encoding the
+pieces apart changes them where a byte-level BPE merges across the generation prompt's end).
+SentencePiece models (and slow HF tokenizers, which give no offsets) encode each piece on its
+own: the built-in template's pieces meet at role markers, which are single pieces.
 
 HF tokenizers render with their own Jinja chat template; the assistant spans are found by
 rendering prefixes of the conversation (any template where earlier turns render the same way
@@ -88,25 +91,19 @@ class ChatTokenizer(abc.ABC):
         return self.encode_chat_batch([messages], add_generation_prompt)[0]
 
     def encode_chat_batch(self, conversations: Sequence[Sequence[Message]],
-                          add_generation_prompt: bool = False
+                          add_generation_prompt: bool = False, supervise_all: bool = False
                           ) -> list[tuple[list[int], list[bool]]]:
-        """Token ids and a per-token assistant mask (True: a completion token to learn) for
-        each conversation. A conversation ending with an assistant message ends with EOS,
-        supervised. All pieces of the batch are encoded in one tokenizer call."""
+        """Token ids and a per-token mask (True: a token to learn) for each conversation.
+
+        By default the mask holds the assistant replies, and a conversation ending with a reply
+        ends with EOS, supervised. ``supervise_all``: every token of the conversation as the
+        template renders it, nothing appended (data.loss_on = all)."""
         rendered = [self._merged_pieces(m, add_generation_prompt) for m in conversations]
-        flat = [text for pieces in rendered for text, _ in pieces]
-        encoded = iter(self.encode_batch(flat))
         out = []
-        for messages, pieces in zip(conversations, rendered):
-            ids: list[int] = []
-            mask: list[bool] = []
-            reply: list[int] = []  # ids of the last supervised piece
-            for _, supervised in pieces:
-                piece_ids = next(encoded)
-                if supervised:
-                    reply = piece_ids = piece_ids + list(self._assistant_end_ids)
-                ids.extend(piece_ids)
-                mask.extend([supervised] * len(piece_ids))
+        for messages, (ids, mask, reply) in zip(conversations, self._encode_pieces(rendered)):
+            if supervise_all:
+                out.append((ids, [True] * len(ids)))
+                continue
             ends_with_reply = messages and messages[-1]["role"] == "assistant"
             if ends_with_reply and not add_generation_prompt and self.eos_id not in reply:
                 # Learning to stop: the reply's last target is EOS even where the template
@@ -114,6 +111,25 @@ class ChatTokenizer(abc.ABC):
                 ids.append(self.eos_id)
                 mask.append(True)
             out.append((ids, mask))
+        return out
+
+    def _encode_pieces(self, rendered: list[list[Piece]]
+                       ) -> list[tuple[list[int], list[bool], list[int]]]:
+        """``(ids, mask, ids of the last supervised piece)`` per conversation, each piece
+        encoded on its own (one tokenizer call for the batch)."""
+        encoded = iter(self.encode_batch([text for pieces in rendered for text, _ in pieces]))
+        out = []
+        for pieces in rendered:
+            ids: list[int] = []
+            mask: list[bool] = []
+            reply: list[int] = []
+            for _, supervised in pieces:
+                piece_ids = next(encoded)
+                if supervised:
+                    reply = piece_ids = piece_ids + list(self._assistant_end_ids)
+                ids.extend(piece_ids)
+                mask.extend([supervised] * len(piece_ids))
+            out.append((ids, mask, reply))
         return out
 
     def _merged_pieces(self, messages: Sequence[Message], add_generation_prompt: bool
@@ -212,6 +228,32 @@ class HFTokenizer(ChatTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False,
                                 clean_up_tokenization_spaces=False)
+
+    def _encode_pieces(self, rendered: list[list[Piece]]
+                       ) -> list[tuple[list[int], list[bool], list[int]]]:
+        """The whole rendered conversation encoded at once, as the model sees it at training
+        time in HF/TRL; a token is supervised when its characters overlap a reply. (Byte-level
+        BPEs merge across the end of the generation prompt: a reply that starts with a newline
+        shares one token with the header's newline, so encoding pieces alone changes ids.)"""
+        if not getattr(self._tok, "is_fast", False):  # no offsets: pieces on their own
+            return super()._encode_pieces(rendered)
+        texts = ["".join(text for text, _ in pieces) for pieces in rendered]
+        encoded = self._tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for pieces, ids, offsets in zip(rendered, encoded["input_ids"],
+                                        encoded["offset_mapping"]):
+            spans, at = [], 0
+            for text, supervised in pieces:
+                if supervised:
+                    spans.append((at, at + len(text)))
+                at += len(text)
+            mask = [any(lo < end and hi > start for start, end in spans) for lo, hi in offsets]
+            reply = []
+            if spans:
+                start, end = spans[-1]
+                reply = [i for i, (lo, hi) in zip(ids, offsets) if lo < end and hi > start]
+            out.append((list(ids), mask, reply))
+        return out
 
     def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         return self._tok.apply_chat_template(list(messages), tokenize=False,

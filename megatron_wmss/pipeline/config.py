@@ -54,6 +54,9 @@ class EntropySettings:
     """Samples per forward pass."""
     shard_size: int = 1024
     """Samples per resumable shard."""
+    positions: str = "next-token"
+    """next-token (the paper's definition) or authors (their code's logits at the answer
+    tokens, header included): ``wmss entropy --positions``."""
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
 
@@ -61,6 +64,9 @@ class EntropySettings:
         for name in ("micro_batch_size", "shard_size", "tensor_model_parallel_size",
                      "pipeline_model_parallel_size"):
             _positive(f"entropy.{name}", getattr(self, name))
+        if self.positions not in ("next-token", "authors"):
+            raise ValueError(f"entropy.positions must be next-token or authors, got "
+                             f"{self.positions!r}")
 
 
 @dataclass
@@ -201,8 +207,26 @@ def load_pipeline(path: Optional[str], overrides=(), *, run_dir: Optional[str] =
 
     # Checked now, not when the first selection runs (its seed is each run's).
     build_dataclass(SelectionConfig, {**config.selection, "seed": 0}, "selection")
+    _check_training_sections(config)
     if not Path(config.base).exists():
         raise RecipeError(f"base: {config.base} does not exist (the base model M0: a megatron "
                           "checkpoint, a training run's checkpoints/ directory, or an HF "
                           "directory)")
     return config
+
+
+def _check_training_sections(config: PipelineConfig) -> None:
+    """The sections every training stage's recipe is built from, checked now: a bad value
+    fails ``--print-config`` (the Slurm preflight), not a stage hours into the run. Files and
+    the architecture are checked when each stage runs (they come from earlier stages)."""
+    from megatron_wmss.config import MemoryConfig, MixConfig, OptimConfig, ParallelConfig
+    from megatron_wmss.data.config import DataConfig
+
+    sections = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
+                "memory": MemoryConfig}
+    for stage, extra in (("sft", config.sft), ("joint", config.joint)):
+        for name, cls in {**sections, **({"mix": MixConfig} if stage == "joint" else {})}.items():
+            merged = {**(config.training.get(name) or {}), **(extra.get(name) or {})}
+            if name in config.training or name in extra:
+                where = "training" if name not in extra else stage
+                build_dataclass(cls, merged, f"{where}.{name}")

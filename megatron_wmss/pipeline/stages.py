@@ -217,7 +217,8 @@ def _run_entropy(config: PipelineConfig, stage: Stage) -> dict:
     job = EntropyJob(model=model_path(config, stage.params["model"]),
                      data=build_dataclass(DataConfig, data, "training.data"), out=str(out),
                      tokenizer=TokenizerConfig(path=tokenizer) if tokenizer else None,
-                     shard_size=config.entropy.shard_size)
+                     shard_size=config.entropy.shard_size,
+                     positions=config.entropy.positions)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _layout(config.entropy.tensor_model_parallel_size,
                  config.entropy.pipeline_model_parallel_size):

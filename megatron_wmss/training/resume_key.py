@@ -5,7 +5,8 @@ field when a rerun finds a checkpoint:
 
     command                    sft | joint
     tokenizer.fingerprint      the tokenizer's vocabulary (model file) and chat template
-    data.schema, max_length, overlength, pack_sequences, pad_to_multiple_of, seed, shuffle
+    data.schema, max_length, overlength, loss_on, pack_sequences, pad_to_multiple_of, seed,
+                               shuffle
     data.items_per_epoch       samples (packed rows with pack_sequences) the sampler visits
     data.samples_sha256        the tokenized samples (ids, masks, idx, fate of every row) and
                                the active set's rows
@@ -141,7 +142,8 @@ def resume_key(recipe, tokenizer, data, data_cfg, *, items_per_epoch: int, total
         # Before the data and the model: a new tokenizer changes both, and is the cause to name.
         "tokenizer": {"fingerprint": tokenizer.fingerprint},
         "data": {"schema": data_cfg.schema, "max_length": data_cfg.max_length,
-                 "overlength": data_cfg.overlength, "pack_sequences": data_cfg.pack_sequences,
+                 "overlength": data_cfg.overlength, "loss_on": data_cfg.loss_on,
+                 "pack_sequences": data_cfg.pack_sequences,
                  "pad_to_multiple_of": data_cfg.pad_to_multiple_of, "seed": data_cfg.seed,
                  "shuffle": data_cfg.shuffle, "items_per_epoch": int(items_per_epoch),
                  "samples_sha256": _shared_samples_sha256(data, data_cfg, group)},

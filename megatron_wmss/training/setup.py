@@ -86,7 +86,6 @@ def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int,
         get_standard_config_overrides,
     )
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     bf16 = cfg.params_dtype == "bfloat16"
     opt_cfg = OptimizerConfig(
@@ -103,14 +102,22 @@ def _optimizer(chunks, cfg: ModelConfig, optim: OptimConfig, total_steps: int,
         overrides[weak] = {"max_lr": optim.weak_lr,
                            "min_lr": optim.min_lr * optim.weak_lr_mult}
     optimizer = get_megatron_optimizer(opt_cfg, chunks, config_overrides=overrides)
+    return optimizer, build_scheduler(optimizer, optim, total_steps)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    """megatron's OptimizerParamScheduler for ``optim`` over ``total_steps`` optimizer steps:
+    linear warm-up from 0 over ``warmup_steps``, then ``optim.lr_schedule`` down to min_lr at
+    the last step (a group's own max_lr/min_lr, e.g. the weak model's, take precedence)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     warmup = warmup_steps(optim.warmup_fraction, total_steps)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
         lr_decay_style=optim.lr_schedule, start_wd=optim.weight_decay,
         end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def _check_joint(strong: ModelConfig, weak: ModelConfig, mix: MixConfig,

@@ -3,6 +3,7 @@ the models WMSS.md §5 names, and bad configs fail in one line naming the key.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,51 @@ def base(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("name", ["examples/demo/demo.yaml",
-                                  "examples/recipes/paper-qwen3-4b.yaml"])
+                                  "examples/recipes/paper-qwen3-4b.yaml",
+                                  "examples/recipes/authors-qwen3-8b.yaml"])
 def test_shipped_configs_load(name, base):
     config = load_pipeline(str(REPO / name), [f"base={base}"])
     assert config.iterations == 1 and config.seeds
     assert plan_stages(config)[0].id == "shared/entropy_m0"
+
+
+def test_the_authors_recipe_passes_print_config_with_their_choices(base):
+    """examples/recipes/authors-qwen3-8b.yaml through `wmss run --print-config` (the Slurm
+    preflight): every difference from the paper's text is selected (README table)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_wmss.cli", "run",
+                           "examples/recipes/authors-qwen3-8b.yaml", f"base={base}",
+                           "--print-config"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)["config"]
+    training = config["training"]
+    assert training["data"]["loss_on"] == "all"
+    assert training["data"]["max_length"] == 4096
+    assert (training["optim"]["lr"], training["optim"]["lr_schedule"],
+            training["optim"]["warmup_fraction"]) == (1e-5, "linear", 0.0)
+    assert training["trainer"]["global_batch_size"] == 256
+    assert config["entropy"]["positions"] == "authors"
+    assert config["selection"] == {"formula": "reference", "alpha": 0.1, "beta": 0.8,
+                                   "gamma": 0.1, "dedupe": False}
+    assert config["seeds"] == [42]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.data.loss_on=prompt", "training.data: data.loss_on = 'prompt' is invalid; "
+                                     "allowed: completion | all"),
+    ("joint.optim.lr_schedule=lin", "joint.optim: OptimConfig.lr_schedule must be one of "
+                                    "['cosine', 'linear', 'constant'], got 'lin'"),
+    ("entropy.positions=answer", "entropy.positions must be next-token or authors"),
+])
+def test_a_bad_training_section_fails_before_any_stage(override, message, base):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_pipeline(str(REPO / "examples/recipes/authors-qwen3-8b.yaml"),
+                      [f"base={base}", override])
 
 
 def test_seeds_is_a_seed_count_or_a_list(base):

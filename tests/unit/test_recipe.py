@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,31 @@ def test_strong_weak_architecture_mismatch_is_found_before_training(tmp_path):
                                                    (0.25, 6, 2)])
 def test_warmup_never_rounds_a_nonzero_fraction_to_zero(fraction, total, want):
     assert warmup_steps(fraction, total) == want
+
+
+@pytest.mark.parametrize("fraction, total", [(0.0, 7), (0.1, 25), (0.3, 9), (0.0, 1)])
+def test_linear_schedule_is_transformers_linear_schedule_step_for_step(fraction, total):
+    """optim.lr_schedule = linear (the authors' scripts: HF Trainer's default) against
+    transformers' get_linear_schedule_with_warmup with the Trainer's warm-up rounding
+    (ceil(ratio x steps)): the learning rate of every optimizer step of a run."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from megatron_wmss.config import OptimConfig
+    from megatron_wmss.training.setup import build_scheduler
+
+    optim = OptimConfig(lr=1e-5, lr_schedule="linear", warmup_fraction=fraction)
+    ours = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    scheduler = build_scheduler(ours, optim, total)
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    reference = get_linear_schedule_with_warmup(
+        theirs, num_warmup_steps=math.ceil(fraction * total), num_training_steps=total)
+    for step in range(total):
+        assert ours.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0],
+                                                           rel=1e-12, abs=1e-18), step
+        scheduler.step(increment=1)
+        theirs.step()
+        reference.step()
 
 
 def test_a_bad_recipe_fails_in_one_line_and_writes_nothing(tmp_path):
