@@ -21,7 +21,11 @@
    micro-batches padded to their longest sample, lengths log-normal with the median a quarter
    of the longest (long reasoning traces).
 
-    python bench/run.py [--json] [--only loss,step,packing] [--quick]
+4. Generation (``generation``): tokens/s of the megatron evaluation backend decoding 16
+   prompts of mixed lengths (16-95 tokens) together in one KV cache against one at a time
+   (greedy, 64 new tokens, the step benchmark's model), and whether the tokens are identical.
+
+    python bench/run.py [--json] [--only loss,step,packing,generation] [--quick]
 
 Prints a summary to stderr and, with ``--json``, one JSON object on stdout whose top-level
 keys are the headline ratios (T=4096, TP=1 for the loss) and ``details`` every figure.
@@ -45,7 +49,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a fresh clone without inst
 IMPLS = ("chunked", "unfused", "naive")  # smallest first: nothing lingers into a later peak
 TARGETS = {"chunked_vs_naive_peak_memory": ("<=", 1 / 8), "chunked_vs_unfused_time": ("<=", 1.2),
            "joint_vs_sft_step_time": ("<=", 2.05), "frozen_joint_vs_sft_step_time": ("<=", 1.4),
-           "packed_vs_padded_tokens_per_s": (">=", 1.5)}
+           "packed_vs_padded_tokens_per_s": (">=", 1.5),
+           "batched_vs_sequential_generation_tokens_per_s": (">=", 4.0)}
 
 
 def _log(message: str) -> None:
@@ -317,12 +322,82 @@ def bench_packing(args) -> dict:
     return out
 
 
+class _IdsOnly:
+    """The generation benchmark's tokenizer: ids only (no stop strings, so no text)."""
+
+    def __init__(self, eos_id: int) -> None:
+        self.eos_id = eos_id
+
+    def encode(self, text):  # pragma: no cover - never called without stop strings
+        raise NotImplementedError
+
+    decode = chat_pieces = encode
+
+
+def _generation_rank(quick: bool, rounds: int) -> dict:
+    import torch
+
+    from megatron_wmss.config import ParallelConfig
+    from megatron_wmss.evaluation.backend import EvalTokenizer, MegatronLM
+    from megatron_wmss.models import build_gpt_model
+
+    _use_all_cores()
+    vocab, batch, new = (512, 4, 8) if quick else (8192, 16, 64)
+    from megatron.core import tensor_parallel
+
+    cfg = _tiny_gpt(quick, vocab, 256)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    model = build_gpt_model(cfg, ParallelConfig()).eval()
+    with torch.no_grad():  # peaked distributions: at megatron's init std top logits tie to 1e-7
+        for name, param in model.named_parameters():
+            if "word_embeddings" in name or "output_layer" in name:
+                param.mul_(50)
+    gen = torch.Generator().manual_seed(0)
+    # Prompts of mixed lengths; the last id stands for EOS and is outside the scored vocabulary
+    # (never chosen), so every row generates its full budget in both arms.
+    lengths = torch.randint(16, 96, (batch,), generator=gen).tolist()
+    prompts = [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in lengths]
+    lm = MegatronLM(model, EvalTokenizer("ids", chat=_IdsOnly(vocab - 1)), vocab - 1,
+                    max_length=256, generate_batch_size=batch)
+    times = {"sequential": [], "batched": []}
+    outputs = {}
+    for round_ in range(rounds + 1):
+        for name in ("sequential", "batched"):
+            start = time.perf_counter()
+            if name == "batched":
+                out = lm.generate_batch(prompts, new)
+            else:
+                out = [lm.generate_tokens(p, new) for p in prompts]
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            outputs[name] = out
+    tokens = sum(len(o) for o in outputs["batched"])
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    return {"prompts": batch, "prompt_lengths": lengths, "max_new_tokens": new,
+            "generated_tokens": tokens,
+            "identical": outputs["batched"] == outputs["sequential"],
+            "tokens_per_s": {name: tokens / s for name, s in seconds.items()}}
+
+
+def bench_generation(args) -> dict:
+    from megatron_wmss.testing import run_distributed
+
+    _log("generation: batched KV-cache decoding against one prompt at a time ...")
+    out = run_distributed(_generation_rank, world_size=1, tp=1, timeout=1200,
+                          args=(args.quick, 1 if args.quick else 3))[0]
+    tps = out["tokens_per_s"]
+    out["batched_vs_sequential_generation_tokens_per_s"] = tps["batched"] / tps["sequential"]
+    _log(f"  one by one {tps['sequential']:.0f} tok/s, batch of {out['prompts']} "
+         f"{tps['batched']:.0f} tok/s; identical tokens: {out['identical']}")
+    return out
+
+
 # ----------------------------------------------------------------------------------- main --
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--only", default="loss,step,packing",
+    parser.add_argument("--only", default="loss,step,packing,generation",
                         help="comma-separated sections (default: all)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed loss steps per implementation (the fastest counts)")
@@ -330,7 +405,8 @@ def main(argv=None) -> dict:
                         help="tiny shapes: checks that the script runs, measures nothing")
     args = parser.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
-    known = {"loss": bench_loss, "step": bench_step, "packing": bench_packing}
+    known = {"loss": bench_loss, "step": bench_step, "packing": bench_packing,
+             "generation": bench_generation}
     unknown = sorted(set(sections) - set(known))
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; choose from {sorted(known)}")
@@ -354,6 +430,9 @@ def main(argv=None) -> dict:
         out["frozen_joint_vs_sft_step_time"] = details["step"]["frozen_joint_vs_sft_step_time"]
     if "packing" in details:
         out["packed_vs_padded_tokens_per_s"] = details["packing"]["packed_vs_padded_tokens_per_s"]
+    if "generation" in details:
+        out["batched_vs_sequential_generation_tokens_per_s"] = \
+            details["generation"]["batched_vs_sequential_generation_tokens_per_s"]
     out["targets"] = {}
     for key, (op, bound) in TARGETS.items():
         if out.get(key) is not None:

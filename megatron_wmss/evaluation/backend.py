@@ -10,9 +10,10 @@ Pipeline parallelism is refused: lm-eval's request loop has no stage schedule.
 - ``loglikelihood``: one plain forward over context + continuation (right-padded batches under
   a causal mask), fp32 ``log_softmax`` over the real vocabulary, summed over the continuation;
   the same truncation and pairing rules as lm-eval's ``hf`` backend (``TemplateLM``).
-- ``generate_until``: one request at a time with megatron-core's ``StaticInferenceContext`` KV
-  cache: the prompt is prefilled once, then one token per forward (or ``generate_batch_size``
-  prompts together, without a cache). Greedy unless the request asks for sampling.
+- ``generate_until``: ``generate_batch_size`` requests at a time (those with one setting,
+  longest prompts first) in one megatron-core ``StaticInferenceContext`` KV cache: the
+  shortest prompt's length is prefilled at once, then every row advances one position per
+  forward (:meth:`MegatronLM.generate_batch`). Greedy unless the request asks for sampling.
 
 The stop rule (``StopRule``, the same for both generation paths) is that of lm-eval's ``hf``
 backend at batch size 1 (``MultiTokenEOSCriteria``, ``postprocess_generated_text``):
@@ -170,15 +171,13 @@ class MegatronLM(_TemplateLM):
 
     ``model``: the rank's ``GPTModel`` (TP shard, PP=1), in eval mode; ``vocab_size``: real
     vocabulary (padded logit columns are dropped); ``max_length``: longest context + generation
-    in tokens (default: the model's ``max_position_embeddings``). ``generate_batch_size`` > 1
-    generates that many prompts together, recomputing every prefix at each new token (no KV
-    cache): much faster for small models and short answers (``make demo``), slower for long
-    generations; 1 (default) decodes one prompt at a time with a KV cache.
+    in tokens (default: the model's ``max_position_embeddings``). ``generate_batch_size``:
+    prompts decoded together in one KV cache (1: one at a time).
     """
 
     def __init__(self, model, tokenizer: EvalTokenizer, vocab_size: int, *,
                  max_length: int, batch_size: int = 8, max_gen_toks: int = 256,
-                 seed: int = 1234, generate_batch_size: int = 1) -> None:
+                 seed: int = 1234, generate_batch_size: int = 16) -> None:
         super().__init__()
         from megatron.core import parallel_state as ps
 
@@ -296,25 +295,28 @@ class MegatronLM(_TemplateLM):
             results.append(sum(score for score, _ in scores))
         return results
 
-    def _choose(self, logits_v: torch.Tensor, do_sample: bool, temperature: float,
-                top_p: float) -> int:
-        """Next token: argmax, or a draw at ``temperature`` / ``top_p``, decided on the group's
-        first rank and broadcast (ranks hold identical gathered logits, but one decision keeps
-        them in lockstep even where floating-point ties break differently)."""
+    def _choose(self, logits_bv: torch.Tensor, do_sample: bool, temperature: float,
+                top_p: float) -> list[int]:
+        """Next token of each row: argmax, or a draw at ``temperature`` / ``top_p`` (rows in
+        order, from this backend's generator), decided on the group's first rank and broadcast
+        (ranks hold identical gathered logits, but one decision keeps them in lockstep even
+        where floating-point ties break differently)."""
         if not do_sample or temperature <= 0:
-            choice = int(torch.argmax(logits_v))
+            choices = torch.argmax(logits_bv, dim=-1).to(torch.long)
         else:
-            probs = torch.softmax(logits_v.cpu().double() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, idx = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < top_p
-                probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-            choice = int(torch.multinomial(probs, 1, generator=self.generator))
+            draws = []
+            for row in logits_bv.cpu().double():
+                probs = torch.softmax(row / temperature, dim=-1)
+                if top_p < 1.0:
+                    sorted_p, idx = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(0) - sorted_p < top_p
+                    probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+                draws.append(torch.multinomial(probs, 1, generator=self.generator))
+            choices = torch.cat(draws)
         if dist.get_world_size(self.tp_group) > 1:
-            box = torch.tensor([choice], dtype=torch.long, device=self._device)
-            dist.broadcast(box, src=self.tp_src, group=self.tp_group)
-            choice = int(box.item())
-        return choice
+            choices = choices.to(self._device)
+            dist.broadcast(choices, src=self.tp_src, group=self.tp_group)
+        return [int(c) for c in choices.cpu()]
 
     @torch.no_grad()
     def generate_tokens(self, prompt: list[int], max_new_tokens: int, until: Sequence[str] = (),
@@ -322,51 +324,53 @@ class MegatronLM(_TemplateLM):
                         top_p: float = 1.0) -> list[int]:
         """Token ids generated after ``prompt`` with a KV cache, up to where :class:`StopRule`
         ends the generation (EOS excluded, a stop string's tokens included)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        if max_new_tokens <= 0:
-            return []
-        rule = StopRule(self.tok, until, max_new_tokens)
-        context = StaticInferenceContext(max_batch_size=1,
-                                         max_sequence_length=len(prompt) + max_new_tokens)
-        logits = self._logits(torch.tensor([prompt], dtype=torch.long), context)
-        context.sequence_len_offset += len(prompt)
-        generated: list[int] = []
-        while True:
-            token = self._choose(logits[0, -1], do_sample, temperature, top_p)
-            if rule.add(generated, token):
-                break
-            logits = self._logits(torch.tensor([[token]], dtype=torch.long), context,
-                                  position_offset=context.sequence_len_offset)
-            context.sequence_len_offset += 1
-        return generated
+        return self.generate_batch([prompt], max_new_tokens, until, do_sample, temperature,
+                                   top_p)[0]
 
     @torch.no_grad()
     def generate_batch(self, prompts: Sequence[list[int]], max_new_tokens: int,
                        until: Sequence[str] = (), do_sample: bool = False,
                        temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
         """Token ids generated after each prompt, each row ended by :class:`StopRule` on its
-        own: all prompts together, each step one forward over the right-padded unfinished rows
-        (causal attention: a row never sees the padding after it). The same tokens as
-        :meth:`generate_tokens`, prompt by prompt."""
+        own, all rows in one KV cache (megatron-core's ``StaticInferenceContext``).
+
+        The rows advance in lockstep, one position per forward, after one prefill of the
+        shortest prompt's length: at each position a row still inside its prompt is fed its
+        prompt token, a generating row its last choice, a finished row a pad whose cache entry
+        nothing reads. Every cached position of a live row holds one of its own tokens, so no
+        row attends to padding and each gets the tokens it would get alone (static batching
+        as megatron's own text generation does it)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        generated: list[list[int]] = [[] for _ in prompts]
+        if max_new_tokens <= 0 or not prompts:
+            return generated
         rule = StopRule(self.tok, until, max_new_tokens)
-        rows = [list(p) for p in prompts]
-        generated: list[list[int]] = [[] for _ in rows]
-        active = [i for i in range(len(rows)) if max_new_tokens > 0]
-        while active:
-            width = max(len(rows[i]) for i in active)
-            tokens = torch.full((len(active), width), self.tok.eos_id, dtype=torch.long)
-            for r, i in enumerate(active):
-                tokens[r, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-            logits = self._logits(tokens)
-            still = []
-            for r, i in enumerate(active):
-                token = self._choose(logits[r, len(rows[i]) - 1], do_sample, temperature, top_p)
-                if not rule.add(generated[i], token):
-                    rows[i].append(token)
-                    still.append(i)
-            active = still
-        return generated
+        lengths = [len(p) for p in prompts]
+        position = min(lengths)
+        context = StaticInferenceContext(max_batch_size=len(prompts),
+                                         max_sequence_length=max(lengths) + max_new_tokens)
+        logits = self._logits(torch.tensor([p[:position] for p in prompts], dtype=torch.long),
+                              context)[:, -1]
+        context.sequence_len_offset += position
+        live = set(range(len(prompts)))
+        while True:
+            step = [p[position] if position < n else self.tok.eos_id
+                    for p, n in zip(prompts, lengths)]
+            choosing = [i for i in sorted(live) if position >= lengths[i]]
+            if choosing:
+                tokens = self._choose(logits[choosing], do_sample, temperature, top_p)
+                for i, token in zip(choosing, tokens):
+                    if rule.add(generated[i], token):
+                        live.discard(i)
+                    else:
+                        step[i] = token
+            if not live:
+                return generated
+            logits = self._logits(torch.tensor(step, dtype=torch.long)[:, None], context,
+                                  position_offset=position)[:, -1]
+            context.sequence_len_offset += 1
+            position += 1
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -387,28 +391,22 @@ class MegatronLM(_TemplateLM):
             jobs.append((context, gen_kwargs, prompt, options))
         results: list[str] = [""] * len(jobs)
         bar = tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm or not self.leader)
-        start = 0
-        while start < len(jobs):
-            # Consecutive requests with the same options go together (one batch: one setting).
-            end = start + 1
-            while (end < len(jobs) and end - start < self.generate_batch_size
-                   and jobs[end][3] == jobs[start][3]):
-                end += 1
-            max_new, until, do_sample, temperature, top_p = jobs[start][3]
-            prompts = [job[2] for job in jobs[start:end]]
-            if len(prompts) == 1:
-                outputs = [self.generate_tokens(prompts[0], max_new, until, do_sample,
-                                                temperature, top_p)]
-            else:
-                outputs = self.generate_batch(prompts, max_new, until, do_sample, temperature,
-                                              top_p)
-            rule = StopRule(self.tok, until, max_new)
-            for k, ids in enumerate(outputs):
-                context, gen_kwargs = jobs[start + k][:2]
-                text = rule.text(ids)
-                results[start + k] = text
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            bar.update(end - start)
-            start = end
+        # One batch holds one setting; within it the longest prompts go first, as the hf
+        # backend orders them, so rows of a batch have similar lengths (a short prefill).
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job[3], []).append(i)
+        for options, members in groups.items():
+            members.sort(key=lambda i: -len(jobs[i][2]))
+            rule = StopRule(self.tok, options[1], options[0])
+            for start in range(0, len(members), self.generate_batch_size):
+                batch = members[start: start + self.generate_batch_size]
+                outputs = self.generate_batch([jobs[i][2] for i in batch], *options)
+                for i, ids in zip(batch, outputs):
+                    context, gen_kwargs = jobs[i][:2]
+                    results[i] = rule.text(ids)
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs),
+                                                results[i])
+                bar.update(len(batch))
         bar.close()
         return results

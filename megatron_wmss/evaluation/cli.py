@@ -69,9 +69,9 @@ def _run_main(argv: Sequence[str]) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer for a checkpoint that "
                         "carries none (SentencePiece .model or HF directory)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--generate-batch-size", type=positive_int, default=1,
-                        help="megatron backend: prompts generated together without a KV cache "
-                        "(faster for small models and short answers); 1: one at a time, cached")
+    parser.add_argument("--generate-batch-size", type=positive_int, default=None,
+                        help="megatron backend: prompts decoded together in one KV cache "
+                        "(default 16; 1: one at a time)")
     parser.add_argument("--dtype", default=None, help="hf/vllm weight dtype (default: model's)")
     parser.add_argument("--device", default=None, help="hf device (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=42)

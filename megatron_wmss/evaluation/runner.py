@@ -34,6 +34,8 @@ from megatron_wmss.platform.ranks import on_rank_zero
 __all__ = ["EvalJob", "PRESETS", "evaluate_rank", "pass_at_k", "run_eval", "model_kind"]
 
 BACKENDS = ("auto", "hf", "vllm", "megatron")
+#: Prompts the megatron backend decodes together in one KV cache unless told otherwise.
+DEFAULT_GENERATE_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +95,8 @@ class EvalJob:
     """Tokenizer when the checkpoint carries none (SentencePiece .model or HF directory)."""
     batch_size: int = 8
     """Loglikelihood batch of the megatron backend; the hf backend's batch size."""
-    generate_batch_size: int = 1
-    """Megatron backend: prompts generated together without a KV cache (fast for small models
-    and short answers); 1: one at a time with a KV cache."""
+    generate_batch_size: Optional[int] = None
+    """Megatron backend: prompts decoded together in one KV cache; None: 16."""
     dtype: Optional[str] = None
     """hf/vllm weight dtype (default: the model's)."""
     device: Optional[str] = None
@@ -190,9 +191,9 @@ def check_job(job: EvalJob) -> EvalJob:
                             "--backend hf") from err
     if backend != "megatron" and (job.tp != 1 or job.which or job.tokenizer):
         raise UserError("--tp, --which and --tokenizer apply to --backend megatron only")
-    if backend != "megatron" and job.generate_batch_size != 1:
+    if backend != "megatron" and job.generate_batch_size is not None:
         raise UserError("--generate-batch-size applies to --backend megatron only")
-    if job.generate_batch_size < 1:
+    if job.generate_batch_size is not None and job.generate_batch_size < 1:
         raise UserError(f"--generate-batch-size must be >= 1, got {job.generate_batch_size}")
     if backend == "megatron" and job.tp < 1:
         raise UserError(f"--tp must be >= 1, got {job.tp}")
@@ -377,7 +378,7 @@ def _megatron_worker(job: EvalJob) -> Optional[dict]:
     model, cfg = load_checkpoint_model(job.model, job.which)
     lm = MegatronLM(model, tokenizer, cfg.vocab_size, max_length=cfg.max_position_embeddings,
                     batch_size=job.batch_size, seed=job.seed,
-                    generate_batch_size=job.generate_batch_size)
+                    generate_batch_size=job.generate_batch_size or DEFAULT_GENERATE_BATCH)
     results = evaluate_with_lm(lm, job)
     return on_rank_zero(lambda: write_run(job, results), "evaluation: writing the run",
                         share=False)

@@ -83,8 +83,8 @@ class EvalSettings:
     """Override of every task's new-token budget."""
     batch_size: int = 8
     """Loglikelihood batch."""
-    generate_batch_size: int = 1
-    """Prompts generated together without a KV cache (small models); 1: cached, one by one."""
+    generate_batch_size: int = 16
+    """Prompts decoded together in one KV cache (megatron backend); 1: one by one."""
     tensor_model_parallel_size: int = 1
     seed: int = 42
 

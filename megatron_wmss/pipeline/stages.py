@@ -263,7 +263,7 @@ def _run_eval(config: PipelineConfig, stage: Stage) -> dict:
                   tp=settings.tensor_model_parallel_size if megatron else 1,
                   tokenizer=_tokenizer_path(config) if megatron else None,
                   batch_size=settings.batch_size,
-                  generate_batch_size=settings.generate_batch_size if megatron else 1,
+                  generate_batch_size=settings.generate_batch_size if megatron else None,
                   seed=settings.seed, label=stage.label, overwrite=True)
     job = check_job(job)
     if megatron:

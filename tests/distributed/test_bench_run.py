@@ -14,7 +14,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = ("chunked_vs_naive_peak_memory", "chunked_vs_unfused_time", "joint_vs_sft_step_time",
-        "frozen_joint_vs_sft_step_time", "packed_vs_padded_tokens_per_s")
+        "frozen_joint_vs_sft_step_time", "packed_vs_padded_tokens_per_s",
+        "batched_vs_sequential_generation_tokens_per_s")
 
 
 def test_bench_run_prints_every_ratio():
@@ -30,3 +31,4 @@ def test_bench_run_prints_every_ratio():
     assert all(run["max_loss_difference"] < 1e-4 for run in runs.values())
     packing = out["details"]["packing"]
     assert packing["rows"]["packed"] < packing["rows"]["padded"]
+    assert out["details"]["generation"]["identical"]

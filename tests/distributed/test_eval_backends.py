@@ -6,6 +6,9 @@ transformers' ``generate``) and ``MegatronLM`` the checkpoint at TP=1 and TP=2 (
 Both receive the same lm-eval ``Instance`` requests. Greedy generations must be identical
 strings; loglikelihoods within 1e-4 (fp32 on both sides; the implementations differ only in
 summation order — fused QKV, row-parallel partial sums — measured ~1e-5 on sums of ~-60).
+Batched generation (one KV cache, prompts of mixed lengths, stop points of their own) must give
+each row the tokens of one-by-one cached decoding, which must equal recomputing the whole
+sequence at every step.
 """
 
 from __future__ import annotations
@@ -89,9 +92,20 @@ def _megatron(ckpt: str, stops):
                 break
             out.append(token)
         full.append(out)
+    # One KV cache for many rows: prompts of 1-29 tokens, stop points of their own.
+    gen_ids = torch.Generator().manual_seed(7)
+    mixed = [torch.randint(0, 300, (int(n),), generator=gen_ids).tolist()
+             for n in torch.randint(1, 30, (8,), generator=gen_ids)]
+    one_by_one = [lm.generate_tokens(p, NEW_TOKENS, until=["\n"]) for p in mixed]
+    together = lm.generate_batch(mixed, NEW_TOKENS, until=["\n"])
+    lm.generator.manual_seed(3)
+    sampled = lm.generate_batch(mixed, NEW_TOKENS, do_sample=True, temperature=1.0, top_p=0.9)
+    lm.generator.manual_seed(3)
+    resampled = lm.generate_batch(mixed, NEW_TOKENS, do_sample=True, temperature=1.0, top_p=0.9)
     return {"texts": texts, "batched": batched,
             "ll": lm.loglikelihood(ll, disable_tqdm=True), "cached": cached,
-            "full": full, "chat": lm.apply_chat_template(HISTORY)}
+            "full": full, "chat": lm.apply_chat_template(HISTORY),
+            "mixed": (one_by_one, together), "sampled": (sampled, resampled)}
 
 
 def _hf(exported, stops):
@@ -119,6 +133,10 @@ def test_megatron_backend_matches_the_hf_backend(models, tp):
                    for rank in run)
     mine = ranks[0]
     assert mine["cached"] == mine["full"]
+    one_by_one, together = mine["mixed"]
+    assert together == one_by_one and len({len(t) for t in together}) > 1  # stops differ
+    sampled, resampled = mine["sampled"]
+    assert sampled == resampled and sampled != together  # seeded draws, not the greedy path
     assert all(len(ids) > 0 for ids in mine["cached"])
     assert mine["texts"] == reference["texts"]
     assert mine["batched"] == reference["texts"]
