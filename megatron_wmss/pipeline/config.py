@@ -69,9 +69,13 @@ class EntropySettings:
                              f"{self.positions!r}")
 
 
+#: eval.backend: auto is vllm where it is installed and can serve the run's models, else megatron.
+EVAL_BACKENDS = ("auto", "megatron", "hf", "vllm")
+
+
 @dataclass
 class EvalSettings:
-    """How every model of the run is evaluated (``wmss eval``, megatron backend, greedy)."""
+    """How every model of the run is evaluated (``wmss eval``, one backend for all, greedy)."""
 
     tasks: list = field(default_factory=lambda: ["aime25", "amc23", "gsm8k"])
     """Task names of ``wmss eval`` (``local_math``: your own file in ``data_dir``)."""
@@ -87,8 +91,15 @@ class EvalSettings:
     """Prompts decoded together in one KV cache (megatron backend); 1: one by one."""
     tensor_model_parallel_size: int = 1
     seed: int = 42
+    backend: str = "auto"
+    """auto | megatron | hf | vllm; one for every model of the run (checkpoints are exported
+    for hf/vllm, an HF base imported for megatron). auto: vllm when installed and able to serve
+    the models (an HF tokenizer; on vLLM's CPU build a head_dim it supports), else megatron."""
 
     def __post_init__(self) -> None:
+        if self.backend not in EVAL_BACKENDS:
+            raise ValueError(f"eval.backend must be one of {', '.join(EVAL_BACKENDS)}, got "
+                             f"{self.backend!r}")
         if not isinstance(self.tasks, list) or not self.tasks:
             raise ValueError(f"eval.tasks must be a non-empty list, got {self.tasks!r}")
         for name in ("batch_size", "generate_batch_size", "tensor_model_parallel_size"):

@@ -48,6 +48,7 @@ def build_report(config: PipelineConfig) -> dict:
     stages = plan_stages(config)
     rows: dict[str, dict] = {}
     eval_dirs: dict[tuple[str, str], Path] = {}   # (row label, seed) -> its `wmss eval` run
+    backends: dict[str, set] = {}  # backend -> why it was chosen
     for stage in stages:
         if stage.kind != "eval":
             continue
@@ -60,7 +61,10 @@ def build_report(config: PipelineConfig) -> dict:
         eval_dirs[stage.label, key] = stage.directory(config.root) / "eval"
         row["per_seed"][key] = {"scores": scores,
                                 "mean_over_tasks": statistics.fmean(scores.values()),
-                                "n": marker["result"]["n"]}
+                                "n": marker["result"]["n"],
+                                "backend": marker["result"].get("backend")}
+        backends.setdefault(marker["result"].get("backend") or "unrecorded", set()).add(
+            marker["result"].get("backend_reason") or "")
     for row in rows.values():
         values = [v["mean_over_tasks"] for v in row["per_seed"].values()]
         row["mean"], row["std"] = _mean_std(values)
@@ -79,6 +83,7 @@ def build_report(config: PipelineConfig) -> dict:
         }
     verdict = _verdict(rows, epochs, eval_dirs)
     return {"config": config.to_dict(), "tasks": list(config.eval.tasks), "rows": rows,
+            "eval_backends": {b: sorted(r for r in why if r) for b, why in backends.items()},
             "training": training, "verdict": verdict,
             "controls": {c: CONTROLS[c] for c in config.controls}}
 
@@ -142,6 +147,7 @@ def render_markdown(report: dict) -> str:
              f"Held-out exact match (%), {', '.join(tasks)} (mean over tasks), greedy; "
              f"{len(seeds)} seeds; mean ± std over seeds (n−1). Verdicts: higher or lower "
              "when the 95% interval of the difference excludes 0, else not resolved.", ""]
+    lines += _backend_lines(report)
     for item in report["verdict"].values():
         lines += [f"- **{item['text']}**", f"  - interval: {item['method']}."]
     lines += ["", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
@@ -167,6 +173,24 @@ def render_markdown(report: dict) -> str:
               "(logit margin, non-target mass, entropy of the trained model's distribution; "
               "WMSS phase 3: the strong model's), `selection_weights_seed*.png`.", ""]
     return "\n".join(lines)
+
+
+def _backend_lines(report: dict) -> list[str]:
+    """Which backend scored the rows: one (and why), or a warning naming each one's rows."""
+    backends = report.get("eval_backends", {})
+    if len(backends) == 1:
+        (backend, why), = backends.items()
+        return [f"Every row scored by the {backend} backend ({'; '.join(why) or 'as set'}): "
+                "one generation setting and stop rule.", ""]
+    if not backends:
+        return []
+    used = []
+    for backend in sorted(backends):
+        rows = [label for label, row in report["rows"].items()
+                if any(v.get("backend") == backend for v in row["per_seed"].values())]
+        used.append(f"{backend}: {', '.join(rows) or 'rows from older markers'}")
+    return ["**Rows were scored by different backends** (" + "; ".join(used) + "): rerun the "
+            "eval stages with one eval.backend before comparing them.", ""]
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -250,15 +250,71 @@ def _run_extract(config: PipelineConfig, stage: Stage) -> dict:
     return {"model": str(out)}
 
 
+def _base_tokenizer_and_head_dim(config: PipelineConfig) -> tuple[Optional[str], int]:
+    """The run's tokenizer (a path, None when unknown) and its models' head_dim, from the
+    config and the base model M0 (every model of a run shares both)."""
+    from megatron_wmss.evaluation.runner import model_kind
+    from megatron_wmss.interop import read_model_metadata
+
+    base = model_path(config, "base")
+    if model_kind(base) == "hf":
+        hf = json.loads((Path(base) / "config.json").read_text())
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        return _tokenizer_path(config) or base, int(head_dim)
+    meta = read_model_metadata(base)
+    tokenizer = _tokenizer_path(config) or (str(meta.tokenizer_dir) if meta.tokenizer_dir
+                                           else None)
+    return tokenizer, int(meta.model.head_dim)
+
+
+def eval_backend(config: PipelineConfig) -> tuple[str, str]:
+    """The backend that scores every model of the run, and why (the report says both)."""
+    from megatron_wmss.evaluation.vllm_support import vllm_distribution, why_vllm_cannot_serve
+
+    wanted = config.eval.backend
+    if wanted == "megatron":
+        return wanted, "eval.backend"
+    if wanted == "auto" and vllm_distribution() is None:
+        return "megatron", "eval.backend auto: vLLM is not installed"
+    reason = why_vllm_cannot_serve(*_base_tokenizer_and_head_dim(config),
+                                   tokenizer_only=wanted == "hf")
+    if reason and wanted != "auto":
+        raise ValueError(f"eval.backend {wanted}: {reason}; use eval.backend megatron")
+    if reason:
+        return "megatron", f"eval.backend auto: {reason}"
+    if wanted == "auto":
+        return "vllm", "eval.backend auto: vLLM installed"
+    return wanted, "eval.backend"
+
+
 def _run_eval(config: PipelineConfig, stage: Stage) -> dict:
-    from megatron_wmss.evaluation.runner import EvalJob, check_job, evaluate_rank, model_kind
+    """Score one model with the run's backend: megatron in process on every rank (an HF base
+    imported first), or hf / vllm on rank 0 (a checkpoint exported first)."""
+    from megatron_wmss.evaluation.runner import (
+        EvalJob,
+        check_job,
+        evaluate_rank,
+        model_kind,
+        run_eval,
+    )
+    from megatron_wmss.interop import export_hf, import_hf
 
     settings = config.eval
+    backend, why = eval_backend(config)
     model = model_path(config, stage.params["model"])
-    megatron = model_kind(model) == "megatron"
-    job = EvalJob(model=model, tasks=list(settings.tasks),
-                  out=str(stage.directory(config.root) / "eval"),
-                  backend="megatron" if megatron else "hf", data_dir=settings.data_dir,
+    directory = stage.directory(config.root)
+    megatron = backend == "megatron"
+    if megatron and model_kind(model) == "hf":
+        with _layout(1, 1):
+            import_hf(model, directory / "megatron", overwrite=True)
+        model = str(directory / "megatron")
+    elif not megatron and model_kind(model) == "megatron":
+        with _layout(1, 1):
+            export_hf(model, directory / "hf", overwrite=True)
+        model = str(directory / "hf")
+    _barrier()
+    job = EvalJob(model=model, tasks=list(settings.tasks), out=str(directory / "eval"),
+                  backend=backend, data_dir=settings.data_dir,
                   limit=settings.limit, max_new_tokens=settings.max_new_tokens,
                   tp=settings.tensor_model_parallel_size if megatron else 1,
                   tokenizer=_tokenizer_path(config) if megatron else None,
@@ -269,13 +325,11 @@ def _run_eval(config: PipelineConfig, stage: Stage) -> dict:
     if megatron:
         with _layout(settings.tensor_model_parallel_size, 1):
             summary = evaluate_rank(job)
-    else:  # an HF base: lm-eval's own backend, on rank 0
-        from megatron_wmss.evaluation.runner import run_eval
-
+    else:  # lm-eval's own model classes, on rank 0
         summary = on_rank_zero(lambda: run_eval(job), f"{stage.id}: evaluation", share=False)
     if summary is None:
         return {}
-    return {"model": model, "label": stage.label,
+    return {"model": model, "label": stage.label, "backend": backend, "backend_reason": why,
             "scores": {task: v["score"] for task, v in summary["tasks"].items()},
             "n": {task: v["n"] for task, v in summary["tasks"].items()}}
 
