@@ -295,6 +295,7 @@ def _assemble(job, out: Path, parts: Path, shards: int, cfg, tokenizer, data) ->
             "vocab_size": cfg.vocab_size, "tokenizer": tokenizer.fingerprint,
             "data_paths": list(job.data.paths), "max_length": job.data.max_length,
             "data_fingerprint": data_fingerprint(data, tokenizer), "num_samples": len(records),
-            "positions": job.positions}
+            "positions": job.positions,
+            "tokens": int(data.dataset.data.column("num_tokens").to_numpy().sum())}
     write_file_atomic(out.with_name(out.name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(parts, ignore_errors=True)

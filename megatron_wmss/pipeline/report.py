@@ -2,7 +2,8 @@
 
 Every number is read from the stage outputs of this run (completion markers, metrics.jsonl,
 selection summaries): nothing is recomputed or timed here, so a run that was killed and
-resumed writes the same report as one that ran straight through. The verdicts' 95% intervals
+resumed writes the same report as one that ran straight through (the stages' wall clock goes
+to cost.md / cost.json: :mod:`megatron_wmss.pipeline.cost`). The verdicts' 95% intervals
 come from the per-problem results each evaluation wrote (``predictions/<task>.jsonl``), by the
 paired bootstrap of :mod:`megatron_wmss.evaluation.stats` with a seeded RNG.
 """
@@ -171,7 +172,8 @@ def render_markdown(report: dict) -> str:
                      f"{'—' if fraction is None else f'{100 * fraction:.1f}%'} |")
     lines += ["", "Plots: `loss.png` (training loss, SFT against WMSS), `diagnostics.png` "
               "(logit margin, non-target mass, entropy of the trained model's distribution; "
-              "WMSS phase 3: the strong model's), `selection_weights_seed*.png`.", ""]
+              "WMSS phase 3: the strong model's), `selection_weights_seed*.png`. What the "
+              "method cost (wall clock, WMSS arm against the baseline): `cost.md`.", ""]
     return "\n".join(lines)
 
 
@@ -191,6 +193,15 @@ def _backend_lines(report: dict) -> list[str]:
         used.append(f"{backend}: {', '.join(rows) or 'rows from older markers'}")
     return ["**Rows were scored by different backends** (" + "; ".join(used) + "): rerun the "
             "eval stages with one eval.backend before comparing them.", ""]
+
+
+def _predicted_cost_ratio(config: PipelineConfig) -> Optional[float]:
+    """`wmss plan`'s prediction of the cost ratio, where the planner is there to make it."""
+    try:
+        from megatron_wmss.plan import predicted_cost_ratio
+    except ImportError:
+        return None
+    return predicted_cost_ratio(config)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -256,6 +267,11 @@ def write_report(config: PipelineConfig) -> Path:
                     [Panel(ylabel, _curves(config, key), title=title, limits=limits)
                      for key, title, ylabel, limits in _DIAGNOSTICS],
                     title="Saturation diagnostics of the trained model (WMSS phase 3: strong)")
+    from megatron_wmss.pipeline.cost import build_cost, render_cost
+
+    cost = build_cost(config, predicted_ratio=_predicted_cost_ratio(config))
+    write_file_atomic(out / "cost.json", json.dumps(cost, indent=2) + "\n")
+    write_file_atomic(out / "cost.md", render_cost(cost))
     for seed in config.seeds:
         weights = config.root / f"seed{seed}" / "select1" / "weights.png"
         if weights.is_file():

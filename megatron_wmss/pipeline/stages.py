@@ -20,6 +20,7 @@ import copy
 import json
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -364,23 +365,43 @@ def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
             print(f"{where}", file=sys.stderr, flush=True)
         _seed_everything(stage.seed)
         stage.directory(config.root).mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         try:
             result = _RUNNERS[stage.kind](config, stage)
         except _StageStopped as stop:
             return stop.code
+        cost = {"seconds": time.monotonic() - started, "tokens": _tokens(config, stage, result)}
         # A rank that failed inside the stage is past announcing it here (its peers may sit in
         # a collective of the stage): the launcher ends them (platform/ranks.py).
         _barrier()
-        on_rank_zero(lambda: _write_marker(config, stage, result), f"{stage.id}: marker")
+        on_rank_zero(lambda: _write_marker(config, stage, result, cost), f"{stage.id}: marker")
     return 0
 
 
-def _write_marker(config: PipelineConfig, stage: Stage, result: dict) -> None:
+def _tokens(config: PipelineConfig, stage: Stage, result: dict) -> Optional[int]:
+    """Tokens the stage put through its model(s): every real token of every training step
+    (the last log of each step), of every entropy row; None for the other kinds."""
+    if stage.kind in ("sft", "joint"):
+        path = stage.directory(config.root) / "metrics.jsonl"
+        by_step = {}
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            record = json.loads(line)
+            if "tokens" in record and "step" in record:
+                by_step[record["step"]] = record["tokens"]
+        return int(sum(by_step.values()))
+    if stage.kind == "entropy":
+        meta = Path(result["entropies"] + ".meta.json")
+        return json.loads(meta.read_text()).get("tokens") if meta.is_file() else None
+    return None
+
+
+def _write_marker(config: PipelineConfig, stage: Stage, result: dict, cost: dict) -> None:
     from megatron_wmss.platform.files import write_file_atomic
 
     marker = stage.marker(config.root)
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(marker, json.dumps({"stage": stage.id, "kind": stage.kind,
                                           "seed": stage.seed, "label": stage.label,
-                                          "params": stage.params, "result": result},
+                                          "params": stage.params, "result": result,
+                                          "cost": cost},
                                          indent=2) + "\n")

@@ -165,7 +165,8 @@ def _step_record(metrics, state: TrainState, seconds: float, flops_per_token: fl
     tokens_per_s = metrics.tokens / seconds if seconds > 0 else 0.0
     record = {"step": state.step, "loss": metrics.loss, "lr": metrics.lr,
               "grad_norm": metrics.grad_norm, "tokens_per_s": tokens_per_s,
-              "supervised_tokens": metrics.num_tokens, "consumed_samples": state.consumed_samples,
+              "supervised_tokens": metrics.num_tokens, "tokens": metrics.tokens,
+              "consumed_samples": state.consumed_samples,
               "skipped": metrics.skipped, "skipped_steps": state.skipped_steps,
               "step_time_s": seconds}
     for name, value in metrics.grad_norms.items():

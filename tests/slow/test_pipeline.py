@@ -135,6 +135,15 @@ def test_run_then_sigkill_inside_joint_training_and_rerun_gives_the_same_report(
     assert "| WMSS |" in markdown and "| SFT, same epochs |" in markdown
     for png in ("loss.png", "diagnostics.png", "selection_weights_seed7.png"):
         assert (run / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The cost table: every stage of the arm and the baseline timed, their tokens counted.
+    cost = json.loads((run / "report" / "cost.json").read_text())
+    seed = cost["seeds"]["7"]
+    assert all(v > 0 for k, v in seed["seconds"].items() if k != "selection")
+    assert seed["ratio"] == seed["wmss_seconds"] / seed["baseline_seconds"] > 0
+    per_epoch_tokens = seed["baseline_tokens"] / 2
+    # phase 1 (one epoch) + two entropy passes over every row + joint training on a subset
+    assert 2.5 * per_epoch_tokens < seed["wmss_tokens"] < 4.5 * per_epoch_tokens
+    assert "| 7 |" in (run / "report" / "cost.md").read_text()
     # The SFT metrics carry the saturation diagnostics the plots show.
     assert "model/margin" in (run / "seed7/baseline/metrics.jsonl").read_text()
 

@@ -101,3 +101,33 @@ def test_different_problems_in_one_seed_are_an_error_naming_the_task(run):
     with pytest.raises(UserError, match=r"^task local_math: wmss seed 1 and sft_baseline seed 1 "
                                         r"scored different problems"):
         build_report(run)
+
+
+def test_the_cost_table_sums_the_wmss_arm_and_divides_by_the_baseline(run):
+    """The arm is phase 1, both entropy passes (M0's shared one counted in each seed),
+    selection, joint training and extraction; controls and evaluation are not in it."""
+    from megatron_wmss.pipeline.cost import build_cost, render_cost
+
+    seconds = {"shared/entropy_m0": 4.0, "sft": 10.0, "entropy_m1": 3.0, "select1": 1.0,
+               "joint1": 12.0, "extract1": 2.0, "baseline": 20.0, "temperature": 99.0,
+               "eval_wmss": 99.0}
+    for seed in (1, 2):
+        for name, value in seconds.items():
+            stage = name if name.startswith("shared/") else f"seed{seed}/{name}"
+            marker = run.root / "stages" / f"{stage}.json"
+            record = json.loads(marker.read_text()) if marker.is_file() else {"result": {}}
+            shared = name.startswith("shared/")
+            record["cost"] = {"seconds": value if shared else value * seed, "tokens": 100}
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(record))
+    cost = build_cost(run, predicted_ratio=1.5)
+    one, two = cost["seeds"]["1"], cost["seeds"]["2"]
+    assert one["seconds"] == {"phase 1": 10.0, "entropy": 7.0, "selection": 1.0, "joint": 12.0,
+                              "extraction": 2.0}
+    assert one["wmss_seconds"] == 32.0 and one["ratio"] == 32.0 / 20.0
+    # Seed 2's own stages take twice as long; the shared M0 pass is the same 4 s.
+    assert two["wmss_seconds"] == 4.0 + 2 * 28.0 and two["ratio"] == 60.0 / 40.0
+    assert cost["mean_ratio"] == pytest.approx((1.6 + 1.5) / 2)
+    text = render_cost(cost)
+    assert "| 1 | 10.0 | 7.0 | 1.0 | 12.0 | 2.0 | 32.0 | 20.0 | 1.60x |" in text
+    assert "Measured ratio (mean over seeds): 1.55x; predicted" in text and "1.50x" in text

@@ -1,0 +1,85 @@
+"""What the method costs: ``RUN_DIR/report/cost.{md,json}``, the WMSS arm against the SFT baseline.
+
+Each stage marker records the wall-clock seconds of the attempt that completed the stage and
+the tokens its model(s) processed (training: every real token of every step; entropy: every
+token of every row). The WMSS arm of one seed is what producing its model took: phase 1 (SFT,
+one epoch), both entropy passes (M0's is shared by the seeds but counted in each), selection,
+joint training and extraction, every round of ``--iterations``; the baseline is SFT for the
+same number of epochs. The paper: 4 h 49 min against 4 h 30 min, 1.07x (WMSS.md §7).
+
+Timings differ from run to run, so they live here and not in report.json / report.md, which a
+killed and resumed run reproduces exactly. A stage resumed after a kill counts only the attempt
+that finished it (the kill's lost work is not in the figure).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Optional
+
+from megatron_wmss.pipeline.config import PipelineConfig
+from megatron_wmss.pipeline.stages import plan_stages, read_marker
+
+__all__ = ["build_cost", "render_cost"]
+
+#: Stage names of the WMSS arm within a seed: phase 1, then each round's stages.
+_ARM = re.compile(r"(sft|entropy_m\d+|select\d+|joint\d+|extract\d+)")
+_GROUPS = (("phase 1", "sft"), ("entropy", "entropy"), ("selection", "select"),
+           ("joint", "joint"), ("extraction", "extract"))
+
+
+def _costs(config: PipelineConfig) -> dict[str, dict]:
+    costs = {}
+    for stage in plan_stages(config):
+        marker = read_marker(config, stage)
+        if marker is not None and "cost" in marker:
+            costs[stage.id] = marker["cost"]
+    return costs
+
+
+def build_cost(config: PipelineConfig,
+               predicted_ratio: Optional[float] = None) -> dict:
+    """Per seed: seconds and tokens per group of the WMSS arm, the baseline's, their ratio."""
+    costs = _costs(config)
+    seeds = {}
+    for seed in config.seeds:
+        prefix = f"seed{seed}/"
+        arm = {sid: c for sid, c in costs.items()
+               if sid == "shared/entropy_m0" or (sid.startswith(prefix)
+                                                 and _ARM.fullmatch(sid[len(prefix):]))}
+        baseline = costs.get(f"{prefix}baseline")
+        if not arm or baseline is None:
+            continue
+        groups = {name: sum(c["seconds"] for sid, c in arm.items()
+                            if sid.split("/")[1].startswith(key))
+                  for name, key in _GROUPS}
+        total = sum(c["seconds"] for c in arm.values())
+        seeds[str(seed)] = {
+            "seconds": groups, "wmss_seconds": total, "baseline_seconds": baseline["seconds"],
+            "ratio": total / baseline["seconds"] if baseline["seconds"] > 0 else None,
+            "wmss_tokens": sum(c.get("tokens") or 0 for c in arm.values()),
+            "baseline_tokens": baseline.get("tokens")}
+    ratios = [s["ratio"] for s in seeds.values() if s["ratio"] is not None]
+    return {"seeds": seeds, "mean_ratio": statistics.fmean(ratios) if ratios else None,
+            "predicted_ratio": predicted_ratio, "paper_ratio": (4 * 60 + 49) / (4 * 60 + 30)}
+
+
+def render_cost(cost: dict) -> str:
+    lines = ["# What the method cost", "",
+             "Wall-clock seconds of the WMSS arm (phase 1, both entropy passes, selection, joint "
+             "training, extraction) against the SFT baseline for the same epochs, per seed. "
+             f"The paper: {cost['paper_ratio']:.2f}x (4 h 49 min against 4 h 30 min).", "",
+             "| seed | " + " | ".join(name for name, _ in _GROUPS)
+             + " | WMSS | baseline | ratio |", "|---|" + "---|" * (len(_GROUPS) + 3)]
+    for seed, s in cost["seeds"].items():
+        cells = [f"{s['seconds'][name]:.1f}" for name, _ in _GROUPS]
+        ratio = "—" if s["ratio"] is None else f"{s['ratio']:.2f}x"
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {s['wmss_seconds']:.1f} | "
+                     f"{s['baseline_seconds']:.1f} | {ratio} |")
+    measured = "—" if cost["mean_ratio"] is None else f"{cost['mean_ratio']:.2f}x"
+    predicted = ("not computed" if cost["predicted_ratio"] is None
+                 else f"{cost['predicted_ratio']:.2f}x")
+    lines += ["", f"Measured ratio (mean over seeds): {measured}; predicted from the stages' "
+              f"steps and FLOPs (`wmss plan`): {predicted}.", ""]
+    return "\n".join(lines)
