@@ -237,6 +237,8 @@ class HFTokenizer(ChatTokenizer):
         shares one token with the header's newline, so encoding pieces alone changes ids.)"""
         if not getattr(self._tok, "is_fast", False):  # no offsets: pieces on their own
             return super()._encode_pieces(rendered)
+        if not rendered:
+            return []
         texts = ["".join(text for text, _ in pieces) for pieces in rendered]
         encoded = self._tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []

@@ -90,3 +90,18 @@ def test_tokenized_rows_and_the_authors_prompt_length(tokenizers, loss_on, tmp_p
         else:
             assert row["input_ids"][:len(whole)] == whole
             assert not any(row["assistant_mask"][:row["answer_start"] + 3])  # + the header
+
+
+def test_a_batch_with_nothing_to_encode_is_counted_not_a_crash(tokenizers, tmp_path):
+    """Every reply blank: each row is skipped and counted, and the run says no sample is left."""
+    from megatron_wmss.data import DataConfig, tokenize_sft
+    from megatron_wmss.data.schemas import DataFormatError
+
+    ours, _ = tokenizers
+    assert ours.encode_chat_batch([]) == []
+    config = DataConfig(paths=[str(write_chat_jsonl(tmp_path / "blank.jsonl",
+                                                    [("q", " "), ("r", "\n")]))],
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataFormatError, match="no sample is left after tokenization .*"
+                                              "skipped_empty 2"):
+        tokenize_sft(config, ours)
