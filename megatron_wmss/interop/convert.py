@@ -49,9 +49,13 @@ from megatron_wmss.interop.metadata import (
     write_model_metadata,
 )
 from megatron_wmss.models import build_gpt_model
+from megatron_wmss.models.checkpoint import (
+    load_model_checkpoint,
+    publishing_checkpoint,
+    write_model_checkpoint,
+)
 from megatron_wmss.platform.files import publishing_directory
 from megatron_wmss.platform.ranks import on_rank_zero
-from megatron_wmss.models.checkpoint import load_model_checkpoint, write_model_checkpoint
 
 __all__ = [
     "build_stage_model",
@@ -74,8 +78,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def save_with_metadata(model, out: Path, overwrite: bool, tag: str,
                        write_metadata: Callable[[Path], None]) -> Path:
     """Collectively write ``model``'s checkpoint, and rank 0's metadata files, into a temporary
-    sibling of ``out`` (named with ``tag``); then publish it as ``out`` in one rename."""
-    with publishing_directory(out, overwrite, collective=True, tag=tag) as tmp:
+    sibling of ``out`` (named with ``tag``); then publish it as ``out`` in one rename.
+
+    A failure on any one rank publishes nothing and ends every rank with its error: in rank
+    0's metadata every rank raises it (the others as PeerFailure); inside megatron's save the
+    failing rank raises it, and the launcher or the failure notice ends its peers with it
+    (see models/checkpoint.py).
+    """
+    with publishing_checkpoint(out, overwrite, tag=tag) as tmp:
         write_model_checkpoint(model, tmp)
         if dist.get_rank() == 0:
             write_metadata(tmp)

@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 _FAILED_KEY = "wmss/failed"
 _SEEN_KEY = "wmss/failed_seen"
+_WATCHED_KEY = "wmss/watched"
 
 
 def _initialized() -> bool:
@@ -209,7 +210,9 @@ def _default_store():
 def post_failure(exc: BaseException, *, linger: float = 5.0) -> None:
     """Tell every rank watching (:func:`watching_for_peer_failures`) that this rank failed with
     ``exc``; wait up to ``linger`` seconds for them to read it (rank 0 may host the store,
-    which goes with its process). Best effort: a store that is gone is ignored."""
+    which goes with its process), not at all where no rank watches (the local launcher stops
+    the ranks itself). Best effort: a store that is gone is ignored. May be called again for
+    the same failure: only the first failure is told."""
     store = _default_store()
     if store is None:
         return
@@ -219,6 +222,8 @@ def post_failure(exc: BaseException, *, linger: float = 5.0) -> None:
     try:
         if store.add(_FAILED_KEY + "/count", 1) == 1:  # the first failure is the one told
             store.set(_FAILED_KEY, pickle.dumps((rank, *_describe(exc))))
+        if not store.check([_WATCHED_KEY]):
+            return
         deadline = time.monotonic() + linger
         while time.monotonic() < deadline and store.add(_SEEN_KEY, 0) < world - 1:
             time.sleep(0.1)
@@ -239,12 +244,17 @@ def watching_for_peer_failures(prog: str = "wmss", interval: float = 1.0) -> Ite
     peer's :func:`post_failure` notice; on one it prints ``{prog}: error: rank N failed
     (...): message`` and ends this process at once (``os._exit``: the main thread may be
     blocked in a collective that never returns), with exit status 2 for a user error, else 1.
-    A store that stops answering (its host, rank 0, has ended) stops the watch silently: the
-    launcher handles what follows."""
+    A notice this rank posted itself (code that told its peers before cleaning up) ends the
+    watch instead. A store that stops answering (its host, rank 0, has ended) stops the watch
+    silently: the launcher handles what follows."""
     store = _default_store()
     if store is None:
         yield
         return
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    store.set(_WATCHED_KEY, b"")
     stop = threading.Event()
 
     def watch() -> None:
@@ -253,7 +263,7 @@ def watching_for_peer_failures(prog: str = "wmss", interval: float = 1.0) -> Ite
                 if not store.check([_FAILED_KEY]):
                     continue
                 rank, exc_type, message, user_error = pickle.loads(store.get(_FAILED_KEY))
-                if stop.is_set():  # this rank is leaving anyway (it may be the one that failed)
+                if stop.is_set() or rank == me:  # this rank is leaving anyway (it failed)
                     return
                 store.add(_SEEN_KEY, 1)
             except Exception:  # noqa: BLE001 - store gone: see the docstring

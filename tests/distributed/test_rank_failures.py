@@ -2,7 +2,11 @@
 
 Faults (``tests/distributed/fault_ranks.py``) are injected on rank 0 or on the last rank of 2
 where ranks wait for each other: the trainer's tokenization (rank 0 fills the cache, the others
-read it), selection and the evaluation of an HF base (rank 0 alone works), a checkpoint save.
+read it), selection and the evaluation of an HF base (rank 0 alone works), a checkpoint save,
+the entropy pass (its tokenization, rank 0's shard files, a rank's forward passes), joint
+training (rank 0's part of a checkpoint, a rank's forward pass) and the extraction of the
+strong model (rank 0's model description; megatron's save, where rank 0 writes metadata.json
+alone and every rank its shards). A failed extraction publishes nothing.
 - In process, under the gloo harness: every rank must raise the failing rank's error (the
   peers a PeerFailure naming it). A rank left waiting shows as a time-out, or as the gloo
   error its wait ended in when the failing rank's process went.
@@ -26,7 +30,7 @@ import time
 import pytest
 
 from megatron_wmss.testing import DistributedRunError, run_distributed
-from tests.distributed.fault_ranks import FAULT, READY, REPO
+from tests.distributed.fault_ranks import EXTRACTED, FAULT, READY, REPO
 
 WORLD = 2
 LIMIT = 60.0  # seconds every rank has to end after a peer failed (issue [O])
@@ -41,7 +45,11 @@ def _fault_message(where: str, rank: int) -> str:
 # the tests further down.
 CASES = [("tokenize", 0, "in tokenization"), ("tokenize", WORLD - 1, "in tokenization"),
          ("select", 0, "in selection"), ("eval", 0, "in evaluation"),
-         ("save", 0, "in checkpoint retention")]
+         ("save", 0, "in checkpoint retention"),
+         ("entropy", 0, "in writing an entropy shard"),
+         ("entropy", WORLD - 1, "in reading the tokenized data"),
+         ("joint", 0, "in writing the model description"),
+         ("extract", 0, "in writing the model description")]
 
 
 def test_every_rank_raises_the_failing_ranks_error(tmp_path):
@@ -66,7 +74,17 @@ def test_every_rank_raises_the_failing_ranks_error(tmp_path):
             if not good or seconds >= LIMIT:
                 problems.append(f"{stage}, fault on rank {fail_rank}: rank {rank} ended with "
                                 f"{outcome} after {seconds:.1f}s, expected {expected}")
+        if stage == "extract":
+            problems += _published(tmp_path / f"{number}-{stage}")
     assert not problems, "\n".join(problems)
+
+
+def _published(workdir) -> list[str]:
+    """What a failed extraction left in its stage directory: nothing, not even a temporary
+    directory."""
+    left = sorted(p.name for p in (workdir / EXTRACTED).glob("*")) \
+        if (workdir / EXTRACTED).is_dir() else []
+    return [f"the failed extraction left {left} in {workdir / EXTRACTED}"] if left else []
 
 
 def _scenarios(cases, workdir):
@@ -125,16 +143,24 @@ def _launch_ranks(stage: str, fail_rank: int, workdir) -> list[tuple[int, str, f
 @pytest.mark.parametrize("stage, where, fail_rank", [
     ("save", "after writing shards", WORLD - 1),  # inside megatron's collectives
     ("busy_peer", "while its peers were busy", WORLD - 1),  # a peer that cannot see it go
+    ("entropy_forward", "in its entropy forward passes", WORLD - 1),  # peers gather entropies
+    ("joint_step", "in the joint forward pass", WORLD - 1),  # peers reduce gradients
+    ("extract_save", "in writing metadata.json", 0),  # peers at megatron's last barrier
+    ("extract_save", "before writing its shards", WORLD - 1),  # peers plan the save
 ])
 def test_rank_processes_all_exit_promptly_with_the_error(tmp_path, stage, where, fail_rank):
     message = _fault_message(where, fail_rank)
-    for rank, (code, err, seconds) in enumerate(_launch_ranks(stage, fail_rank, tmp_path)):
+    ranks = _launch_ranks(stage, fail_rank, tmp_path)
+    if stage == "extract_save":
+        assert not _published(tmp_path), [err[-2000:] for _, err, _ in ranks]
+    for rank, (code, err, seconds) in enumerate(ranks):
         assert code not in (0, 75), (rank, code, err[-2000:])
         lines = [line for line in err.splitlines() if message in line]
         assert lines, f"rank {rank} does not name the failure:\n{err[-2000:]}"
         if rank != fail_rank:  # one line, naming the failing rank, no traceback of its own
             assert "Traceback" not in err, err[-2000:]
-            assert len(lines) == 1 and re.match(
+            # search, not match: the line may go on from a progress bar's (no newline after it)
+            assert len(lines) == 1 and re.search(
                 rf"wmss( {stage})?: error: rank {fail_rank} failed", lines[0]), lines
         assert seconds < LIMIT
 
