@@ -98,8 +98,21 @@ def _steps(run: Path, stage: str) -> int:
 
 
 def _report(run: Path) -> tuple[dict, str]:
+    """What a resumed run must reproduce: report.json (less the config, which names the run
+    directory), report.md, and every training stage's loss at every step (the report alone
+    holds only the scores and final losses: a joint stage resumed at the wrong data position
+    would pass unseen)."""
     report = json.loads((run / "report" / "report.json").read_text())
-    report.pop("config")  # names this run's directory
+    report.pop("config")
+    losses = {}
+    for metrics in sorted(run.glob("seed*/*/metrics.jsonl")):
+        by_step = {}
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record and "step" in record:
+                by_step[record["step"]] = record["loss"]  # a resumed step: its last log
+        losses[str(metrics.parent.relative_to(run))] = by_step
+    report["training_losses"] = losses
     return report, (run / "report" / "report.md").read_text()
 
 
