@@ -161,8 +161,8 @@ class MemoryConfig:
     """How SFT's and the joint run's loss meet the output layer: unfused (the output layer
     makes the [s, b, v] logits, then the loss) | chunked (the loss straight from the final
     hidden states and output weights, a tile of tokens × vocab at a time: no logits tensor);
-    null: chunked, measured faster and ~1/80 the loss memory (README, bench/run.py), except
-    with sequence parallelism, which it does not support (then unfused)."""
+    null: chunked, measured faster and ~1/80 the loss memory (README, bench/run.py). With
+    sequence parallelism both gather the hidden states along the sequence first."""
     cross_entropy_chunk_tokens: Optional[int] = None
     """Tokens per chunk of the chunked loss; null: 2048 (each chunk's logits are then made
     in vocab blocks of ~1M logits, a 4 MiB fp32 tile)."""
@@ -187,21 +187,20 @@ class MemoryConfig:
                              f"{self.recompute!r}")
 
     def resolved(self, cuda: bool, sequence_parallel: bool = False) -> "MemoryConfig":
-        """A copy with every null (auto) setting decided for this machine and layout."""
+        """A copy with every null (auto) setting decided for this machine and layout.
+
+        ``sequence_parallel`` no longer changes any choice (the chunked loss runs with it);
+        the argument stays for callers written against the older signature."""
+        del sequence_parallel
         dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
         if self.overlap_param_gather and not dist_opt:
             raise ValueError("memory.overlap_param_gather=true needs the distributed optimizer "
                              "(memory.distributed_optimizer=true; its default is on with CUDA "
                              "only)")
-        if self.cross_entropy_impl == "chunked" and sequence_parallel:
-            raise ValueError("memory.cross_entropy_impl=chunked takes the replicated hidden "
-                             "states and does not run with parallel.sequence_parallel=true; "
-                             "use unfused or null (auto)")
         return dataclasses.replace(
             self, distributed_optimizer=dist_opt,
             overlap_grad_reduce=cuda if self.overlap_grad_reduce is None
             else self.overlap_grad_reduce,
             overlap_param_gather=(cuda and dist_opt) if self.overlap_param_gather is None
             else self.overlap_param_gather,
-            cross_entropy_impl=self.cross_entropy_impl or (
-                "unfused" if sequence_parallel else "chunked"))
+            cross_entropy_impl=self.cross_entropy_impl or "chunked")

@@ -25,8 +25,18 @@ and the same with ``1−λ`` for the weak model. A bf16 model gets ``λ·g`` cas
 the unfused path hands its output layer a gradient of the logits' dtype. Accumulation is in
 fp32. Hidden gradients are partial sums over this vocab shard: one all-reduce SUM of
 ``[t, h_s + h_w]`` over ``tp_group`` completes them (what megatron's ``ColumnParallelLinear``
-does for its input), so the hidden states passed in are the replicated (not
-sequence-parallel) decoder outputs.
+does for its input) when the hidden states passed in are replicated over ``tp_group``.
+
+Sequence parallelism (``sequence_parallel=True``, megatron's layout of the decoder output: each
+TP rank holds ``[s/tp, b, h]``, a slice of dim 0): as megatron's output layer does, each
+model's hidden states are all-gathered along dim 0 before the loss (megatron's
+``gather_from_sequence_parallel_region`` with ``tensor_parallel_output_grad=True``), and their
+partial gradients are reduce-scattered back to the slices instead of all-reduced: one
+all-gather of ``[s/tp, b, h]`` per model forward, one reduce-scatter of ``[s, b, h]`` per
+trained model backward. The targets and the returned loss cover the whole sequence on every
+rank; the gathered ``[s, b, h]`` hidden states are saved for backward (megatron's output layer
+re-gathers its input instead: ``[s, b, h]·(1 − 1/tp)`` more memory per model, next to the
+``[s, b, v/tp]`` fp32 logits the unfused loss would hold).
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ from megatron_wmss.loss.vocab_parallel import (
     target_in_shard,
 )
 
-__all__ = ["default_chunk_size", "linear_cross_entropy", "linear_mixed_cross_entropy",
-           "vocab_block_size"]
+__all__ = ["default_chunk_size", "gather_sequence_parallel", "linear_cross_entropy",
+           "linear_mixed_cross_entropy", "vocab_block_size"]
 
 _TOKENS_PER_CHUNK = 2048
 _TILE_ELEMENTS = 1 << 20  # fp32 logits per tile: 4 MiB, about what stays in a core's cache
@@ -116,7 +126,7 @@ def _tiles(tokens, real, chunk):
 class _LinearMixedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, strong_hidden, weak_hidden, strong_weight, weak_weight, target, mix_lambda,
-                tp_group, ignore_index, vocab_size, chunk_size):
+                tp_group, ignore_index, vocab_size, chunk_size, reduce_hidden_grad):
         lam = (mix_lambda, 1.0 - mix_lambda)
         hidden = [x.reshape(-1, x.shape[-1]) if x is not None else None
                   for x in (strong_hidden, weak_hidden)]
@@ -171,7 +181,7 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
         ctx.present = (strong_hidden is not None, weak_hidden is not None)
         ctx.hidden_shapes = (None if strong_hidden is None else strong_hidden.shape,
                              None if weak_hidden is None else weak_hidden.shape)
-        ctx.setup = (lam, tp_group, real, local_vocab, chunk)
+        ctx.setup = (lam, tp_group, real, local_vocab, chunk, reduce_hidden_grad)
         return loss_t.view(target.shape)
 
     @staticmethod
@@ -181,7 +191,7 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
         hidden = [saved[0] if ctx.present[0] else None, saved[1] if ctx.present[1] else None]
         weight = [saved[2] if ctx.present[0] else None, saved[3] if ctx.present[1] else None]
         lse_t, local_target_t, in_shard_t, valid_t = saved[4:]
-        lam, tp_group, real, local_vocab, chunk = ctx.setup
+        lam, tp_group, real, local_vocab, chunk, reduce_hidden_grad = ctx.setup
         dtype = lse_t.dtype
         want_hidden = [ctx.needs_input_grad[0] and hidden[0] is not None,
                        ctx.needs_input_grad[1] and hidden[1] is not None]
@@ -233,7 +243,9 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
         del tile
         _, size = shard_rank_and_size(tp_group)
         partial = [x for x in grad_hidden if x is not None]
-        if size > 1 and partial:  # the other shards' share of dL/dh (one fused collective)
+        # The other shards' share of dL/dh (one fused collective); under sequence parallelism
+        # the reduce-scatter of megatron's gather adds it instead.
+        if reduce_hidden_grad and size > 1 and partial:
             flat = torch.cat([x.to(dtype) for x in partial], dim=-1)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
             for x, part in zip(partial, flat.split([x.shape[-1] for x in partial], dim=-1)):
@@ -242,7 +254,7 @@ class _LinearMixedCrossEntropy(torch.autograd.Function):
                    for x, shape in zip(grad_hidden, ctx.hidden_shapes)]
         grads_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_weight, weight)]
         return (grads_h[0], grads_h[1], grads_w[0], grads_w[1],
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _check(named: dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
@@ -286,6 +298,7 @@ def linear_mixed_cross_entropy(
     ignore_index: int = -100,
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``λ·h_s·W_sᵀ + (1−λ)·h_w·W_wᵀ``, chunked over tokens.
 
@@ -293,8 +306,9 @@ def linear_mixed_cross_entropy(
     real-vocabulary masking, same collectives) without materialising either model's logits.
 
     Args:
-        strong_hidden, weak_hidden: ``[..., h_s]`` and ``[..., h_w]`` final hidden states
-            (replicated over ``tp_group``). Either may be frozen.
+        strong_hidden, weak_hidden: ``[..., h_s]`` and ``[..., h_w]`` final hidden states,
+            replicated over ``tp_group`` (or, with ``sequence_parallel``, this rank's slice of
+            dim 0). Either may be frozen.
         strong_weight, weak_weight: ``[v, h_s]`` and ``[v, h_w]`` output-layer weights of this
             rank's vocab shard (a tied embedding's shard works the same). Either may be frozen.
             At λ = 1 the weak pair is not read and may be None; at λ = 0 the strong pair.
@@ -303,12 +317,20 @@ def linear_mixed_cross_entropy(
         chunk_size: tokens per chunk (default: :func:`default_chunk_size`, 2048). Peak extra
             memory: one tile of about 1M fp32 logits, ``[chunk_size, h]`` fp32 hidden-gradient
             accumulators and fp32 weight gradients.
+        sequence_parallel: the hidden states are megatron's sequence-parallel slices
+            ``[s/tp, ...]``: gathered over ``tp_group`` (required) along dim 0 before the loss,
+            their gradients reduce-scattered back, as megatron's output layer does with
+            ``config.sequence_parallel``. ``target`` still covers the whole sequence ``[s, ...]``.
 
     Returns:
-        ``[...]`` fp32 per-token loss, 0 at ignored positions. Gradients reach all four tensors
-        (hidden gradients summed over ``tp_group``; weight gradients of this shard).
+        ``[...]`` fp32 per-token loss over ``target``'s shape, 0 at ignored positions. Gradients
+        reach all four tensors (hidden gradients summed over ``tp_group``, of this rank's slice
+        under ``sequence_parallel``; weight gradients of this shard).
     """
     lam = check_mix_lambda(mix_lambda)
+    if sequence_parallel:
+        strong_hidden = gather_sequence_parallel(strong_hidden, tp_group)
+        weak_hidden = gather_sequence_parallel(weak_hidden, tp_group)
     named = {}
     if lam != 0.0:
         named["strong"] = (strong_hidden, strong_weight)
@@ -317,7 +339,25 @@ def linear_mixed_cross_entropy(
     _check(named, target, chunk_size)
     return _LinearMixedCrossEntropy.apply(strong_hidden, weak_hidden, strong_weight, weak_weight,
                                           target, lam, tp_group, int(ignore_index),
-                                          check_vocab_size(vocab_size), chunk_size)
+                                          check_vocab_size(vocab_size), chunk_size,
+                                          not sequence_parallel)
+
+
+def gather_sequence_parallel(hidden: Optional[torch.Tensor],
+                             tp_group: Optional[dist.ProcessGroup]) -> Optional[torch.Tensor]:
+    """``[s/tp, ...]`` sequence-parallel slices → ``[s, ...]`` on every rank of ``tp_group``,
+    whose backward reduce-scatters the (vocab-shard partial) gradient back to the slices:
+    megatron's ``gather_from_sequence_parallel_region(tensor_parallel_output_grad=True)``, as
+    its ``ColumnParallelLinear`` output layer applies to its input. None stays None."""
+    if hidden is None:
+        return None
+    if tp_group is None:
+        raise ValueError("sequence_parallel needs tp_group: the tensor-parallel group the "
+                         "sequence is split over")
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True,
+                                                group=tp_group)
 
 
 def linear_cross_entropy(
@@ -328,8 +368,9 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """One model's SFT loss the same chunked way: :func:`linear_mixed_cross_entropy` at λ = 1,
     equal to ``cross_entropy(hidden @ weight.T, ...)``."""
     return linear_mixed_cross_entropy(hidden, None, weight, None, target, 1.0, tp_group,
-                                      ignore_index, vocab_size, chunk_size)
+                                      ignore_index, vocab_size, chunk_size, sequence_parallel)

@@ -10,7 +10,8 @@ this rank's logit shard, :func:`smoothing_term_from_hidden` from the final hidde
 the output-weight shard (``z = h·Wᵀ``: ``z_y = h·W_y``, ``mean_v z_v = h·mean_v W_v``), both
 in fp32, summed over ``tp_group`` with megatron's autograd-aware all-reduce (forward SUM,
 backward identity; the hidden states enter through the copy whose backward is the SUM of
-their gradients, as a column-parallel layer does). Used by the SFT control "label
+their gradients, as a column-parallel layer does; sequence-parallel slices through megatron's
+sequence gather, whose backward reduce-scatters them). Used by the SFT control "label
 smoothing" of ``wmss run --ablations``; gradient ``ε·(onehot − 1/V)`` added to CE's.
 
 Shapes: ``logits_tv`` ``[..., V/tp]``, ``hidden_th`` ``[..., h]``, ``weight_vh`` ``[V/tp, h]``,
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_wmss.loss.linear_cross_entropy import gather_sequence_parallel
 from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
 
 __all__ = ["smoothing_term", "smoothing_term_from_hidden"]
@@ -66,15 +68,21 @@ def smoothing_term(logits_tv: torch.Tensor, target: torch.Tensor, *, tp_group=No
 
 def smoothing_term_from_hidden(hidden_th: torch.Tensor, weight_vh: torch.Tensor,
                                target: torch.Tensor, *, tp_group=None,
-                               vocab_size: Optional[int] = None, ignore_index: int = -100
-                               ) -> torch.Tensor:
-    """``z_y − mean_v z_v`` per position with ``z = h·Wᵀ``, never forming the logits."""
+                               vocab_size: Optional[int] = None, ignore_index: int = -100,
+                               sequence_parallel: bool = False) -> torch.Tensor:
+    """``z_y − mean_v z_v`` per position with ``z = h·Wᵀ``, never forming the logits.
+
+    ``sequence_parallel``: ``hidden_th`` is this rank's ``[s/tp, ...]`` slice, gathered along
+    dim 0 (gradient reduce-scattered back), as in
+    :func:`~megatron_wmss.loss.linear_cross_entropy.linear_mixed_cross_entropy`."""
     local_vocab = weight_vh.shape[0]
     start, world = _shard(local_vocab, tp_group)
     real = real_columns_in_shard(vocab_size, start, local_vocab)
     total_vocab = vocab_size if vocab_size is not None else local_vocab * world
     h = hidden_th.float()
-    if tp_group is not None and dist.get_world_size(group=tp_group) > 1:
+    if sequence_parallel:
+        h = gather_sequence_parallel(h, tp_group)
+    elif world > 1:
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
         h = copy_to_tensor_model_parallel_region(h, group=tp_group)

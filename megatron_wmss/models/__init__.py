@@ -1,6 +1,7 @@
 """Models: megatron-core ``GPTModel`` construction and the joint strong/weak model."""
 
 from megatron_wmss.models.builder import (
+    SequenceParallelRMSNorm,
     build_gpt_model,
     layer_spec,
     transformer_config,
@@ -12,6 +13,7 @@ from megatron_wmss.models.joint import JointGPTModel, finalize_joint_model_grads
 
 __all__ = [
     "JointGPTModel",
+    "SequenceParallelRMSNorm",
     "WMSSGPTModel",
     "build_gpt_model",
     "finalize_joint_model_grads",

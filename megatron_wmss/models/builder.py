@@ -3,6 +3,14 @@
 The Transformer Engine layer spec (and FP8) is used where CUDA and TE are present, megatron's
 local spec otherwise. The output layer is megatron's own ``ColumnParallelLinear`` in both cases,
 outside the FP8 region, and logits go to the fp32 losses of :mod:`megatron_wmss.loss`.
+
+Sequence parallelism runs with both specs. megatron's local spec refuses it (its torch norm
+wrapper asserts it off), so with it every norm of the local spec, the final one included, is
+:class:`SequenceParallelRMSNorm`: torch's RMSNorm whose weight carries megatron's
+``sequence_parallel`` attribute, which makes ``finalize_model_grads`` sum its gradient (a
+partial sum over this rank's slice of the sequence) over the tensor-parallel group, as it does
+for Transformer Engine's and Apex's norms. The linear layers do the sequence all-gather and
+reduce-scatter themselves.
 """
 
 from __future__ import annotations
@@ -16,12 +24,33 @@ from megatron_wmss.config import ModelConfig, ParallelConfig, torch_dtype
 from megatron_wmss.platform import apex_available, cuda_available, te_available
 
 __all__ = [
+    "SequenceParallelRMSNorm",
     "build_gpt_model",
     "layer_spec",
     "transformer_config",
     "transformer_config_kwargs",
     "use_transformer_engine",
 ]
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built as megatron builds its norms (``config``, ``hidden_size``,
+    ``eps``), its weight marked ``sequence_parallel`` when ``config.sequence_parallel`` is on.
+
+    With sequence parallelism each tensor-parallel rank normalises its own ``[s/tp, b, h]``
+    slice, so the weight's gradient is a partial sum; megatron's ``finalize_model_grads``
+    all-reduces (SUM) over the tensor-parallel group every parameter so marked. Numerically
+    the module of megatron's ``WrappedTorchNorm`` (same class, initialisation and state dict).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"SequenceParallelRMSNorm is an RMSNorm, got TransformerConfig."
+                             f"normalization={config.normalization!r}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+
 
 def use_transformer_engine(cfg: ModelConfig, te_usable: Optional[bool] = None) -> bool:
     """Whether layers use Transformer Engine; ``te_usable`` overrides detection (for tests)."""
@@ -52,9 +81,6 @@ def transformer_config_kwargs(cfg: ModelConfig, parallel: ParallelConfig, *, use
     micro-batches and data-parallel ranks.
     """
     cfg.check_parallel(parallel)
-    if parallel.sequence_parallel and not use_te:
-        raise ValueError("ParallelConfig.sequence_parallel needs the Transformer Engine layer "
-                         "spec (megatron's local spec has no sequence-parallel norm)")
     dtype = torch_dtype(cfg.params_dtype)
     on_cuda = cuda_available() if on_cuda is None else on_cuda
     has_apex = apex_available() if has_apex is None else has_apex
@@ -119,15 +145,39 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, use_te: bo
                                                          recompute=recompute))
 
 
-def layer_spec(cfg: ModelConfig, use_te: bool):
-    """The transformer-layer ``ModuleSpec``: Transformer Engine's, or megatron's local one."""
+def layer_spec(cfg: ModelConfig, use_te: bool, sequence_parallel: bool = False):
+    """The transformer-layer ``ModuleSpec``: Transformer Engine's, or megatron's local one
+    (with ``sequence_parallel``, its norms are :class:`SequenceParallelRMSNorm`)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=cfg.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    if sequence_parallel:
+        layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
+        if cfg.qk_layernorm:  # per-head norms: megatron sums their gradients over TP anyway
+            attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    return spec
+
+
+def _decoder_spec(cfg: ModelConfig, tc, use_te: bool):
+    """What ``GPTModel`` takes as its ``transformer_layer_spec``: the layer spec, or, for the
+    local spec under sequence parallelism, the block of this stage's layers with a
+    :class:`SequenceParallelRMSNorm` final norm (megatron would pick its torch norm wrapper,
+    which refuses sequence parallelism)."""
+    spec = layer_spec(cfg, use_te, tc.sequence_parallel)
+    if use_te or not tc.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tc),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def build_gpt_model(
@@ -160,7 +210,7 @@ def build_gpt_model(
     model = WMSSGPTModel(
         real_vocab_size=cfg.vocab_size,
         config=tc,
-        transformer_layer_spec=layer_spec(cfg, te),
+        transformer_layer_spec=_decoder_spec(cfg, tc, te),
         vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

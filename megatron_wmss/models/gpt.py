@@ -27,6 +27,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_wmss.config.training import CROSS_ENTROPY_IMPLS
 from megatron_wmss.loss import cross_entropy, linear_cross_entropy
+from megatron_wmss.loss.linear_cross_entropy import gather_sequence_parallel
 from megatron_wmss.loss.smoothing import smoothing_term, smoothing_term_from_hidden
 from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
 
@@ -77,14 +78,12 @@ class WMSSGPTModel(GPTModel):
     def set_cross_entropy(self, impl: str, chunk_tokens: Optional[int] = None) -> None:
         """Choose how the loss is computed: ``unfused`` (the output layer makes the logits,
         then the loss) or ``chunked`` (:func:`megatron_wmss.loss.linear_cross_entropy` from
-        the final hidden states and the output weight, no logits tensor); ``chunk_tokens``:
-        tokens per chunk (None: its default)."""
+        the final hidden states and the output weight, no logits tensor; under sequence
+        parallelism the hidden states are gathered along the sequence first, as the output
+        layer does); ``chunk_tokens``: tokens per chunk (None: its default)."""
         if impl not in CROSS_ENTROPY_IMPLS:
             raise ValueError(f"cross-entropy implementation must be one of "
                              f"{list(CROSS_ENTROPY_IMPLS)}, got {impl!r}")
-        if impl == "chunked" and self.config.sequence_parallel:
-            raise ValueError("the chunked cross-entropy takes the replicated hidden states; "
-                             "it does not run with sequence parallelism")
         self.cross_entropy_impl, self.cross_entropy_chunk = impl, chunk_tokens
 
     def set_sft_loss(self, logit_scale: float = 1.0, label_smoothing: float = 0.0) -> None:
@@ -139,8 +138,9 @@ class WMSSGPTModel(GPTModel):
 
     def final_hidden_states(self, input_ids, position_ids, attention_mask, *,
                             rope_positions: bool = False, **kwargs):
-        """The last stage's ``[s, b, h]`` hidden states after the final norm: ``forward``
-        without the output layer."""
+        """The last stage's ``[s, b, h]`` hidden states after the final norm (``[s/tp, b, h]``,
+        this rank's slice, under sequence parallelism): ``forward`` without the output
+        layer."""
         post_process, self.post_process = self.post_process, False  # read by _postprocess
         try:
             with self._positions(position_ids, rope_positions):
@@ -161,9 +161,13 @@ class WMSSGPTModel(GPTModel):
         if self.logit_scale != 1.0:
             hidden_sbh = hidden_sbh * self.logit_scale  # z = h·Wᵀ: the logits scale exactly
         target_sb = labels.transpose(0, 1)
+        sequence_parallel = self.config.sequence_parallel  # hidden_sbh: [s/tp, b, h]
         if self._diagnostics_on:  # whole logits, a chunk of tokens at a time
             weight = self.output_weight().detach()
-            flat_th = hidden_sbh.detach().reshape(-1, hidden_sbh.shape[-1])
+            flat_th = hidden_sbh.detach()
+            if sequence_parallel:
+                flat_th = gather_sequence_parallel(flat_th, self.pg_collection.tp)
+            flat_th = flat_th.reshape(-1, hidden_sbh.shape[-1])
             chunk = max(1, (1 << 24) // weight.shape[0])
             for start in range(0, flat_th.shape[0], chunk):
                 self._accumulate_diagnostics(flat_th[start:start + chunk] @ weight.t(),
@@ -172,11 +176,13 @@ class WMSSGPTModel(GPTModel):
                                        tp_group=self.pg_collection.tp,
                                        ignore_index=self.ignore_index,
                                        vocab_size=self.real_vocab_size,
-                                       chunk_size=self.cross_entropy_chunk)
+                                       chunk_size=self.cross_entropy_chunk,
+                                       sequence_parallel=sequence_parallel)
         if self.label_smoothing:
             loss_sb = loss_sb + self.label_smoothing * smoothing_term_from_hidden(
                 hidden_sbh, self.output_weight(), target_sb, tp_group=self.pg_collection.tp,
-                vocab_size=self.real_vocab_size, ignore_index=self.ignore_index)
+                vocab_size=self.real_vocab_size, ignore_index=self.ignore_index,
+                sequence_parallel=sequence_parallel)
         return loss_sb.transpose(0, 1).contiguous()
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ joint model's ``config.hidden_size`` is the sum, which is what the schedule size
 buffers from. The last stage runs both output layers and the vocab-parallel mixed
 cross-entropy on the two models' logit shards, or, with ``set_cross_entropy("chunked")``,
 the chunked linear mixed cross-entropy on both models' final hidden states and output weights
-(no logits tensor at all).
+(no logits tensor at all). Under sequence parallelism both models' hidden states (and the
+activations between stages) are ``[s/tp, b, h]`` slices; the chunked loss gathers them along
+the sequence and reduce-scatters their gradients, as megatron's output layer does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from megatron_wmss.loss import (
     mixed_cross_entropy,
     mixed_logit_diagnostics,
 )
+from megatron_wmss.loss.linear_cross_entropy import gather_sequence_parallel
 from megatron_wmss.loss.vocab_parallel import check_mix_lambda
 
 __all__ = ["DIAGNOSTIC_FIELDS", "JointGPTModel", "finalize_joint_model_grads"]
@@ -125,8 +128,12 @@ class JointGPTModel(MegatronModule):
         """The diagnostics of the chunked path: whole-vocabulary logits made a chunk of tokens
         at a time (at most the loss's chunk, and about 16M logits of the shard)."""
         weight_s, weight_w = self.strong.output_weight(), self.weak.output_weight()
-        hidden_s = hidden_s.detach().reshape(-1, hidden_s.shape[-1])
-        hidden_w = hidden_w.detach().reshape(-1, hidden_w.shape[-1])
+        hidden_s, hidden_w = hidden_s.detach(), hidden_w.detach()
+        if self.config.sequence_parallel:  # [s/tp, b, h] slices: the whole sequence
+            hidden_s = gather_sequence_parallel(hidden_s, self.tp_group)
+            hidden_w = gather_sequence_parallel(hidden_w, self.tp_group)
+        hidden_s = hidden_s.reshape(-1, hidden_s.shape[-1])
+        hidden_w = hidden_w.reshape(-1, hidden_w.shape[-1])
         chunk = max(1, _DIAGNOSTIC_LOGITS // weight_s.shape[0])
         chunk = min(chunk, self.strong.cross_entropy_chunk or chunk)
         with torch.no_grad():
@@ -183,13 +190,16 @@ class JointGPTModel(MegatronModule):
         with self._weak_context():
             hidden_w = self.weak.final_hidden_states(input_ids, position_ids, attention_mask,
                                                      **kwargs)
-        labels_sb = labels.transpose(0, 1)  # hidden states are [s, b, h]
+        # Hidden states are [s, b, h] ([s/tp, b, h] under sequence parallelism: the loss
+        # gathers them); labels cover the whole sequence on every rank.
+        labels_sb = labels.transpose(0, 1)
         if self._diagnostics_on:
             self._accumulate_chunked_diagnostics(hidden_s, hidden_w, labels_sb.reshape(-1))
         loss_sb = linear_mixed_cross_entropy(
             hidden_s, hidden_w, self.strong.output_weight(), self.weak.output_weight(),
             labels_sb, self.mix_lambda, tp_group=self.tp_group, vocab_size=self.real_vocab_size,
-            chunk_size=self.strong.cross_entropy_chunk)
+            chunk_size=self.strong.cross_entropy_chunk,
+            sequence_parallel=self.config.sequence_parallel)
         return loss_sb.transpose(0, 1).contiguous()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -236,10 +236,16 @@ def build_recipe(command: str, raw: dict, run_dir: Optional[str] = None) -> Reci
     from megatron_wmss.platform import cuda_available
 
     try:
-        recipe.memory.resolved(cuda_available(), recipe.parallel.sequence_parallel)
+        recipe.memory.resolved(cuda_available())
     except ValueError as err:
         raise RecipeError(str(err)) from None
     _check_files(recipe)
+    tp = recipe.parallel.tensor_model_parallel_size
+    if recipe.parallel.sequence_parallel and recipe.data.pad_to_multiple_of % tp:
+        raise RecipeError(f"parallel.sequence_parallel=true splits every row over the "
+                          f"{tp} tensor-parallel ranks: data.pad_to_multiple_of="
+                          f"{recipe.data.pad_to_multiple_of} must be a multiple of "
+                          f"parallel.tensor_model_parallel_size={tp}")
     if recipe.parallel.pipeline_model_parallel_size > 1 and not (
             recipe.data.pad_to_max_length or recipe.data.pack_sequences):
         raise RecipeError("parallel.pipeline_model_parallel_size > 1 needs data.pad_to_max_length"

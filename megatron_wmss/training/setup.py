@@ -169,7 +169,7 @@ def setup_training(
         raise ValueError(f"ParallelConfig says tp={parallel.tensor_model_parallel_size}, "
                          f"pp={parallel.pipeline_model_parallel_size} but megatron's parallel "
                          f"state was initialized with tp={tp}, pp={pp}")
-    memory = (memory or MemoryConfig()).resolved(cuda_available(), parallel.sequence_parallel)
+    memory = (memory or MemoryConfig()).resolved(cuda_available())
     if memory.distributed_optimizer:
         apply_distributed_optimizer_fix()  # no-op where TE/Apex provide FusedAdam
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

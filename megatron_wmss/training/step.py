@@ -6,7 +6,8 @@ supervised token of the global batch: micro-batches and data-parallel ranks are 
 their token counts (megatron's ``calculate_per_token_loss``), not averaged per micro-batch.
 
 Without pipeline parallelism each micro-batch may have its own length; with it, every
-micro-batch of the run must have the one ``seq_length`` the stages exchange.
+micro-batch of the run must have the one ``seq_length`` the stages exchange. With sequence
+parallelism a length must be a multiple of the tensor-parallel size (rows are split over it).
 
 Packed micro-batches (they carry ``segment_ids`` and ``position_ids``,
 :mod:`megatron_wmss.data.packing`) run with a block-diagonal causal mask and RoPE at each
@@ -95,6 +96,7 @@ def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
         want = seq_length if seq_length is not None else "s"
         raise ValueError(f"micro-batch tokens {tuple(tokens.shape)} and labels "
                          f"{tuple(labels.shape)} must both be [micro_batch_size, {want}]")
+    _check_sequence_split(model, length)
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
@@ -109,6 +111,17 @@ def _forward_step(data_iterator, model, *, seq_length: Optional[int]):
         device=tokens.device, dtype=torch.float32)
     output = model(tokens, position_ids, mask, labels=labels, **packed)
     return output, partial(_loss_func, loss_mask, real_tokens)
+
+
+def _check_sequence_split(model, length: int) -> None:
+    """Sequence parallelism splits each row over the tensor-parallel ranks."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if get_attr_wrapped_model(model, "config").sequence_parallel and length % tp:
+        raise ValueError(f"micro-batch length {length} must be a multiple of "
+                         f"tensor_model_parallel_size={tp} with sequence_parallel (pad rows to "
+                         f"a multiple of it: data.pad_to_multiple_of)")
 
 
 def _check_labels_on_host(model, labels) -> None:

@@ -146,12 +146,28 @@ def test_apex_fusions_are_requested_only_where_apex_exists():
     assert kw["masked_softmax_fusion"] and not kw["gradient_accumulation_fusion"]
 
 
-def test_sequence_parallel_needs_transformer_engine():
+def test_sequence_parallel_local_spec_norms_mark_their_weights_for_the_tp_reduction():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_wmss.models import SequenceParallelRMSNorm
+
     parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
-    with pytest.raises(ValueError, match=r"ParallelConfig\.sequence_parallel needs the "
-                                         r"Transformer Engine"):
-        transformer_config_kwargs(tiny(), parallel, use_te=False)
-    assert transformer_config_kwargs(tiny(), parallel, use_te=True)["sequence_parallel"]
+    for use_te in (False, True):
+        assert transformer_config_kwargs(tiny(), parallel, use_te=use_te)["sequence_parallel"]
+    # megatron's own local spec refuses sequence parallelism in its torch norm wrapper.
+    layer = layer_spec(tiny(qk_layernorm=True), use_te=False, sequence_parallel=True).submodules
+    attention = layer.self_attention.submodules
+    assert layer.input_layernorm is layer.pre_mlp_layernorm is SequenceParallelRMSNorm
+    assert attention.q_layernorm is attention.k_layernorm is SequenceParallelRMSNorm
+    plain = layer_spec(tiny(qk_layernorm=True), use_te=False).submodules
+    assert plain.input_layernorm is not SequenceParallelRMSNorm
+    # finalize_model_grads sums over TP the gradients of parameters marked sequence_parallel.
+    for sp in (True, False):
+        tc = TransformerConfig(**transformer_config_kwargs(
+            tiny(), ParallelConfig(2, sequence_parallel=sp), use_te=False, on_cuda=False))
+        norm = SequenceParallelRMSNorm(tc, hidden_size=64, eps=1e-6)
+        assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
+        assert [getattr(p, "sequence_parallel", None) for p in norm.parameters()] == [sp]
 
 
 def test_optimizer_and_mix_options_that_would_be_ignored_are_rejected():

@@ -53,6 +53,17 @@ def test_bad_recipes_are_errors_naming_the_field(override, message):
         load_recipe("sft", str(TINY_SFT), [override])
 
 
+def test_sequence_parallel_runs_the_chunked_loss_and_needs_rows_that_split():
+    sp = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    for impl in ("chunked", "null"):
+        recipe = load_recipe("joint", str(TINY_JOINT), sp + [f"memory.cross_entropy_impl={impl}"])
+        assert recipe.parallel.sequence_parallel
+        assert recipe.memory.resolved(cuda=False).cross_entropy_impl == "chunked"
+    with pytest.raises(RecipeError, match=r"data\.pad_to_multiple_of=3 must be a multiple of "
+                                          r"parallel\.tensor_model_parallel_size=2"):
+        load_recipe("joint", str(TINY_JOINT), sp + ["data.pad_to_multiple_of=3"])
+
+
 def test_override_syntax_is_checked():
     with pytest.raises(RecipeError, match="must look like section.field=value"):
         apply_overrides({}, ["optim.lr"])
