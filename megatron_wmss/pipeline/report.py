@@ -195,15 +195,6 @@ def _backend_lines(report: dict) -> list[str]:
             "eval stages with one eval.backend before comparing them.", ""]
 
 
-def _predicted_cost_ratio(config: PipelineConfig) -> Optional[float]:
-    """`wmss plan`'s prediction of the cost ratio, where the planner is there to make it."""
-    try:
-        from megatron_wmss.plan import predicted_cost_ratio
-    except ImportError:
-        return None
-    return predicted_cost_ratio(config)
-
-
 def _fmt(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -269,7 +260,7 @@ def write_report(config: PipelineConfig) -> Path:
                     title="Saturation diagnostics of the trained model (WMSS phase 3: strong)")
     from megatron_wmss.pipeline.cost import build_cost, render_cost
 
-    cost = build_cost(config, predicted_ratio=_predicted_cost_ratio(config))
+    cost = build_cost(config)
     write_file_atomic(out / "cost.json", json.dumps(cost, indent=2) + "\n")
     write_file_atomic(out / "cost.md", render_cost(cost))
     for seed in config.seeds:

@@ -120,7 +120,11 @@ def test_the_cost_table_sums_the_wmss_arm_and_divides_by_the_baseline(run):
             record["cost"] = {"seconds": value if shared else value * seed, "tokens": 100}
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(record))
-    cost = build_cost(run, predicted_ratio=1.5)
+    for seed, fraction in ((1, 0.5), (2, 0.25)):
+        select = run.root / "stages" / f"seed{seed}" / "select1.json"
+        select.write_text(json.dumps({"result": {"fraction_kept": fraction},
+                                      "cost": {"seconds": 1.0 * seed}}))
+    cost = build_cost(run)
     one, two = cost["seeds"]["1"], cost["seeds"]["2"]
     assert one["seconds"] == {"phase 1": 10.0, "entropy": 7.0, "selection": 1.0, "joint": 12.0,
                               "extraction": 2.0}
@@ -130,4 +134,16 @@ def test_the_cost_table_sums_the_wmss_arm_and_divides_by_the_baseline(run):
     assert cost["mean_ratio"] == pytest.approx((1.6 + 1.5) / 2)
     text = render_cost(cost)
     assert "| 1 | 10.0 | 7.0 | 1.0 | 12.0 | 2.0 | 32.0 | 20.0 | 1.60x |" in text
-    assert "Measured ratio (mean over seeds): 1.55x; predicted" in text and "1.50x" in text
+    # Per seed (3 + 2 + 6a) / 6 for its own active fraction a, then the mean.
+    assert cost["predicted_ratio"] == pytest.approx((8 / 6 + 6.5 / 6) / 2)
+    assert "Measured ratio (mean over seeds): 1.55x; predicted" in text and "1.21x" in text
+
+
+def test_the_predicted_cost_ratio_counts_flops_per_stage():
+    from megatron_wmss.pipeline.cost import predicted_cost_ratio
+
+    assert predicted_cost_ratio(1, [0.56]) == pytest.approx((3 + 2 + 6 * 0.56) / 6)
+    assert predicted_cost_ratio(1, [0.56], freeze_weak=True) == pytest.approx(
+        (3 + 2 + 4 * 0.56) / 6)
+    # Two rounds: phase 1, three entropy passes, two joint rounds, against 3 SFT epochs.
+    assert predicted_cost_ratio(2, [0.5, 0.25]) == pytest.approx((3 + 3 + 6 * 0.75) / 9)
