@@ -21,9 +21,12 @@
    micro-batches padded to their longest sample, lengths log-normal with the median a quarter
    of the longest (long reasoning traces).
 
-4. Generation (``generation``): tokens/s of the megatron evaluation backend decoding 16
-   prompts of mixed lengths (16-95 tokens) together in one KV cache against one at a time
-   (greedy, 64 new tokens, the step benchmark's model), and whether the tokens are identical.
+4. Generation (``generation``): tokens/s of the megatron evaluation backend decoding 64
+   prompts of mixed lengths (16-95 tokens) 16 per KV cache, longest first, as ``generate_until``
+   batches them, against one at a time (greedy, 64 new tokens, a random 4-layer width-256
+   Llama imported from HF), and whether the tokens are identical; where vLLM is installed
+   (here, or in .venv-vllm: make venv-vllm), vLLM's tokens/s on the same HF model and prompts
+   (its own scheduling, eager, fp32).
 
     python bench/run.py [--json] [--only loss,step,packing,generation] [--quick]
 
@@ -334,38 +337,72 @@ class _IdsOnly:
     decode = chat_pieces = encode
 
 
-def _generation_rank(quick: bool, rounds: int) -> dict:
+GENERATE_BATCH = 16  # the megatron backend's default generate_batch_size
+
+
+def _generation_shape(quick: bool) -> dict:
+    if quick:
+        return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, head_dim=32, vocab_size=512)
+    return dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=8192)
+
+
+def _generation_model(directory: str, quick: bool) -> None:
+    """A random Llama of the step benchmark's shape, saved as an HF directory (both engines
+    load it); embeddings scaled up so that greedy choices are not ties at 1e-7."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(**_generation_shape(quick), max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).float()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(50)
+        model.lm_head.weight.mul_(50)
+    model.save_pretrained(directory)
+
+
+def _generation_prompts(quick: bool) -> tuple[list[list[int]], int]:
+    """Prompts of mixed lengths (16-95 tokens) and the new tokens per prompt; the last id is
+    kept out of them and out of the megatron backend's choices (it stands for EOS), so every
+    row generates its whole budget."""
     import torch
 
-    from megatron_wmss.config import ParallelConfig
+    vocab = _generation_shape(quick)["vocab_size"]
+    batch, new = (8, 8) if quick else (4 * GENERATE_BATCH, 64)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 96, (batch,), generator=gen).tolist()
+    return [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in lengths], new
+
+
+def _generation_rank(directory: str, quick: bool, rounds: int) -> dict:
     from megatron_wmss.evaluation.backend import EvalTokenizer, MegatronLM
-    from megatron_wmss.models import build_gpt_model
+    from megatron_wmss.interop import import_hf
+    from megatron_wmss.interop.convert import load_checkpoint_model
 
     _use_all_cores()
-    vocab, batch, new = (512, 4, 8) if quick else (8192, 16, 64)
-    from megatron.core import tensor_parallel
-
-    cfg = _tiny_gpt(quick, vocab, 256)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = build_gpt_model(cfg, ParallelConfig()).eval()
-    with torch.no_grad():  # peaked distributions: at megatron's init std top logits tie to 1e-7
-        for name, param in model.named_parameters():
-            if "word_embeddings" in name or "output_layer" in name:
-                param.mul_(50)
-    gen = torch.Generator().manual_seed(0)
-    # Prompts of mixed lengths; the last id stands for EOS and is outside the scored vocabulary
-    # (never chosen), so every row generates its full budget in both arms.
-    lengths = torch.randint(16, 96, (batch,), generator=gen).tolist()
-    prompts = [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in lengths]
-    lm = MegatronLM(model, EvalTokenizer("ids", chat=_IdsOnly(vocab - 1)), vocab - 1,
-                    max_length=256, generate_batch_size=batch)
+    import_hf(directory, f"{directory}/megatron")
+    model, cfg = load_checkpoint_model(f"{directory}/megatron")
+    prompts, new = _generation_prompts(quick)
+    eos = cfg.vocab_size - 1
+    lm = MegatronLM(model.eval(), EvalTokenizer("ids", chat=_IdsOnly(eos)), eos,
+                    max_length=256, generate_batch_size=GENERATE_BATCH)
+    # As generate_until batches them: longest first, GENERATE_BATCH per KV cache.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[i:i + GENERATE_BATCH] for i in range(0, len(order), GENERATE_BATCH)]
     times = {"sequential": [], "batched": []}
     outputs = {}
     for round_ in range(rounds + 1):
         for name in ("sequential", "batched"):
             start = time.perf_counter()
             if name == "batched":
-                out = lm.generate_batch(prompts, new)
+                out = [None] * len(prompts)
+                for batch in batches:
+                    for i, ids in zip(batch, lm.generate_batch([prompts[i] for i in batch],
+                                                               new)):
+                        out[i] = ids
             else:
                 out = [lm.generate_tokens(p, new) for p in prompts]
             if round_:
@@ -373,22 +410,84 @@ def _generation_rank(quick: bool, rounds: int) -> dict:
             outputs[name] = out
     tokens = sum(len(o) for o in outputs["batched"])
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    return {"prompts": batch, "prompt_lengths": lengths, "max_new_tokens": new,
-            "generated_tokens": tokens,
+    return {"prompts": len(prompts), "batch": GENERATE_BATCH,
+            "prompt_lengths": [len(p) for p in prompts],
+            "max_new_tokens": new, "generated_tokens": tokens,
             "identical": outputs["batched"] == outputs["sequential"],
             "tokens_per_s": {name: tokens / s for name, s in seconds.items()}}
 
 
+_VLLM_GENERATION = """
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[3])
+from megatron_wmss.evaluation.vllm_support import prepare_vllm
+args = prepare_vllm({})
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", seed=0, skip_tokenizer_init=True,
+          max_model_len=256, **args)
+prompts, new = json.loads(sys.argv[2])
+params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
+requests = [{"prompt_token_ids": p} for p in prompts]
+times = []
+for round_ in range(4):
+    start = time.perf_counter()
+    outs = llm.generate(requests, params, use_tqdm=False)
+    if round_:
+        times.append(time.perf_counter() - start)
+tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+print("VLLM=" + json.dumps({"tokens": tokens, "tokens_per_s": tokens / statistics.median(times)}))
+"""
+
+
+def _vllm_python() -> str | None:
+    """An interpreter with vLLM: this one, or the project's .venv-vllm (make venv-vllm)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    candidate = os.path.join(os.path.dirname(HERE), ".venv-vllm", "bin", "python")
+    if os.path.isfile(candidate) and subprocess.run(
+            [candidate, "-c", "import vllm"], capture_output=True).returncode == 0:
+        return candidate
+    return None
+
+
+def _vllm_generation(directory: str, quick: bool) -> dict | None:
+    import subprocess
+
+    python = _vllm_python()
+    if python is None or quick:
+        return None
+    prompts, new = _generation_prompts(quick)
+    done = subprocess.run([python, "-c", _VLLM_GENERATION, directory,
+                           json.dumps([prompts, new]), os.path.dirname(HERE)],
+                          capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        raise RuntimeError(f"vLLM generation failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.split("VLLM=")[-1])
+
+
 def bench_generation(args) -> dict:
+    import tempfile
+
     from megatron_wmss.testing import run_distributed
 
-    _log("generation: batched KV-cache decoding against one prompt at a time ...")
-    out = run_distributed(_generation_rank, world_size=1, tp=1, timeout=1200,
-                          args=(args.quick, 1 if args.quick else 3))[0]
+    _log("generation: batched KV-cache decoding against one prompt at a time (and vLLM) ...")
+    with tempfile.TemporaryDirectory() as directory:
+        _generation_model(directory, args.quick)
+        out = run_distributed(_generation_rank, world_size=1, tp=1, timeout=1200,
+                              args=(directory, args.quick, 1 if args.quick else 2))[0]
+        vllm = _vllm_generation(directory, args.quick)
     tps = out["tokens_per_s"]
     out["batched_vs_sequential_generation_tokens_per_s"] = tps["batched"] / tps["sequential"]
-    _log(f"  one by one {tps['sequential']:.0f} tok/s, batch of {out['prompts']} "
-         f"{tps['batched']:.0f} tok/s; identical tokens: {out['identical']}")
+    _log(f"  {out['prompts']} prompts: one by one {tps['sequential']:.0f} tok/s, "
+         f"{out['batch']} per KV cache {tps['batched']:.0f} tok/s; identical tokens: "
+         f"{out['identical']}")
+    if vllm is not None:
+        out["vllm"] = vllm
+        out["vllm_vs_megatron_generation_tokens_per_s"] = vllm["tokens_per_s"] / tps["batched"]
+        _log(f"  vLLM, same model and prompts: {vllm['tokens_per_s']:.0f} tok/s")
     return out
 
 
@@ -431,8 +530,10 @@ def main(argv=None) -> dict:
     if "packing" in details:
         out["packed_vs_padded_tokens_per_s"] = details["packing"]["packed_vs_padded_tokens_per_s"]
     if "generation" in details:
-        out["batched_vs_sequential_generation_tokens_per_s"] = \
-            details["generation"]["batched_vs_sequential_generation_tokens_per_s"]
+        for key in ("batched_vs_sequential_generation_tokens_per_s",
+                    "vllm_vs_megatron_generation_tokens_per_s"):
+            if key in details["generation"]:
+                out[key] = details["generation"][key]
     out["targets"] = {}
     for key, (op, bound) in TARGETS.items():
         if out.get(key) is not None:
