@@ -98,6 +98,12 @@ def _run(argv: Sequence[str]) -> int:
     return run_main(argv)
 
 
+def _plan(argv: Sequence[str]) -> int:
+    from megatron_wmss.plan.cli import plan_main
+
+    return plan_main(argv)
+
+
 def _eval(argv: Sequence[str]) -> int:
     from megatron_wmss.evaluation.cli import eval_main
 
@@ -121,6 +127,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
                   "model", _export_hf),
     "eval": ("evaluate a model with lm-eval (AIME, AMC, MATH-500, GSM8K, HumanEval, MBPP); "
              "`eval score` grades a predictions file, `eval report` compares runs", _eval),
+    "plan": ("memory per rank and steps of each stage of a recipe or run config, against the "
+             "GPU's memory, before a job is submitted (no GPU needed)", _plan),
     "extract": ("write the strong (or weak) model of a joint checkpoint as a single-model "
                 "megatron checkpoint", _extract),
 }

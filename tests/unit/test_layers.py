@@ -18,6 +18,7 @@ LAYERS = [
     {"interop"},
     {"training", "curriculum", "evaluation"},
     {"pipeline"},
+    {"plan"},  # `wmss plan` reads run configs through pipeline's stage plan
     {"cli"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
