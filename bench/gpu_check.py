@@ -175,12 +175,37 @@ def _time_steps(shapes: Shapes, mode: str, warmup: int, steps: int, on_cuda: boo
            "mfu": flops / seconds / (PEAK_TFLOPS * 1e12) if on_cuda else None,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
            "parameters_per_model": params, "losses": losses}
+    out["planned_peak_gib"], out["planned_vs_measured"] = _planned_peak(shapes, setup, mix,
+                                                                        on_cuda)
     del setup, model, step
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
         out["memory_left_after_gib"] = torch.cuda.memory_allocated() / 2**30
     return out
+
+
+def _planned_peak(shapes: Shapes, setup, mix, on_cuda: bool):
+    """`wmss plan`'s peak for this step (GiB) and its ratio to torch.cuda.max_memory_allocated
+    (issue [M]). A failure is recorded in place of the figure, not raised: the check's other
+    figures still count."""
+    import torch
+
+    try:
+        from megatron_wmss.plan import Layout, training_memory
+
+        memory = setup.memory
+        planned = training_memory(
+            _model_config(shapes), Layout(1, 1, 1), recompute=memory.recompute,
+            cross_entropy=memory.cross_entropy_impl,
+            distributed_optimizer=memory.distributed_optimizer, micro_batch_size=1,
+            seq_length=shapes.seq_length, num_microbatches=shapes.num_microbatches,
+            models=1 if mix is None else 2, freeze_weak=bool(mix and mix.freeze_weak),
+            impl="local", gpu=on_cuda)[0].total
+    except Exception as err:  # noqa: BLE001 - reported in the JSON
+        return f"{type(err).__name__}: {err}", None
+    measured = torch.cuda.max_memory_allocated() if on_cuda else 0
+    return planned / 2**30, planned / measured if measured else None
 
 
 def _mixed_ce_memory(shapes: Shapes, on_cuda: bool) -> dict:
