@@ -186,12 +186,8 @@ class MemoryConfig:
             raise ValueError(f"memory.recompute must be one of {list(RECOMPUTE)}, got "
                              f"{self.recompute!r}")
 
-    def resolved(self, cuda: bool, sequence_parallel: bool = False) -> "MemoryConfig":
-        """A copy with every null (auto) setting decided for this machine and layout.
-
-        ``sequence_parallel`` no longer changes any choice (the chunked loss runs with it);
-        the argument stays for callers written against the older signature."""
-        del sequence_parallel
+    def resolved(self, cuda: bool) -> "MemoryConfig":
+        """A copy with every null (auto) setting decided for this machine."""
         dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
         if self.overlap_param_gather and not dist_opt:
             raise ValueError("memory.overlap_param_gather=true needs the distributed optimizer "

@@ -160,7 +160,7 @@ def training_stage(name: str, recipe, cfg: ModelConfig, world: int, options: Pla
     layout = _layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, world,
                      par.sequence_parallel, name)
     gpu = options.target == "gpu"
-    memory = recipe.memory.resolved(gpu, par.sequence_parallel)
+    memory = recipe.memory.resolved(gpu)
     micro = recipe.num_microbatches(layout.dp)
     seq = recipe.data.row_length
     models = 2 if recipe.joint else 1
