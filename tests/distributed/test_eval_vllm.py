@@ -12,8 +12,10 @@ the hf backend's: within 1e-4 (fp32 both)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,26 @@ LL_ATOL = 1e-4
 PAIRS = [("Question 3: what is 3 + 3? Answer:", " 6"), ("The answer is", " \\boxed{42}."),
          ("def", " add(a, b):\n    return a + b")]
 
-pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.is_file(),
-    reason="vLLM's CPU build lives in .venv-vllm: `make venv-vllm` (.ci/run builds it)")
+
+
+def _wait_for_the_build() -> bool:
+    """.ci/run builds .venv-vllm while the suite runs and names its log: wait for the log's
+    last line (``exit N``); True when the venv is there."""
+    log = os.environ.get("WMSS_VLLM_BUILD_LOG")
+    deadline = time.monotonic() + 1200
+    while log and time.monotonic() < deadline:
+        lines = Path(log).read_text().splitlines() if Path(log).is_file() else []
+        if lines and lines[-1].startswith("exit "):
+            assert lines[-1] == "exit 0", "make venv-vllm failed:\n" + "\n".join(lines[-30:])
+            break
+        time.sleep(5)
+    return (VLLM_PYTHON.parent.parent / ".wmss-installed").is_file()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_venv():
+    if not _wait_for_the_build():
+        pytest.skip("vLLM's CPU build lives in .venv-vllm: `make venv-vllm` (.ci/run builds it)")
 
 _LOGLIKELIHOODS = """
 import json, sys
