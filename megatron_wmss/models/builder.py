@@ -180,6 +180,17 @@ def _decoder_spec(cfg: ModelConfig, tc, use_te: bool):
                                       layer_norm=SequenceParallelRMSNorm)
 
 
+def _cast_parameters(model, dtype) -> None:
+    """Every parameter in ``dtype``, as Megatron-LM's ``Float16Module`` casts its model: torch's
+    norms (megatron's wrapper of them, our :class:`SequenceParallelRMSNorm`) are built in fp32
+    whatever ``params_dtype`` says, and megatron's fp16/bf16 optimizer expects every parameter
+    in half precision (its checkpoint's state dict fails on an fp32 one). The norms still
+    compute in fp32 (torch's RMSNorm upcasts its input on CPU; TE's norms are built in dtype)."""
+    for param in model.parameters():
+        if param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
 def build_gpt_model(
     cfg: ModelConfig,
     parallel: ParallelConfig,
@@ -223,6 +234,7 @@ def build_gpt_model(
     # megatron's schedules read ``model_type`` from the model (Megatron-LM's get_model sets it).
     model.model_type = ModelType.encoder_or_decoder
     model.uses_te = te
+    _cast_parameters(model, tc.params_dtype)
     if cuda_available():
         model.cuda(torch.cuda.current_device())
     return model
