@@ -2,8 +2,9 @@
 
 Both run megatron's forward-only schedule over the same micro-batches of one model:
   - ``forward``: the logits are made and dropped (what any forward pass pays);
-  - ``entropy``: the same, plus the vocab-parallel per-token entropy over the real vocabulary
-    and the per-sample sums the entropy pass writes (``megatron_wmss.curriculum.entropy``).
+  - ``entropy``: the entropy pass's own step (``megatron_wmss.curriculum.entropy``): the final
+    hidden states, the logits of the supervised positions only, a chunk of tokens at a time,
+    their vocab-parallel entropy over the real vocabulary and the per-sample sums.
 Median seconds over ``--repeats`` interleaved rounds (machine noise hits both alike) and their
 ratio. Prints one JSON object.
 
@@ -22,16 +23,16 @@ import torch
 
 
 def _forward_step(data_iterator, model, *, entropy: bool, vocab_size: int):
-    from megatron_wmss.curriculum.entropy import _entropy_sums
+    from megatron_wmss.curriculum.entropy import _forward_step as entropy_step
     from megatron_wmss.training.step import causal_attention_mask
 
+    if entropy:  # the pass's own step: logits of the supervised positions, a chunk at a time
+        return entropy_step(data_iterator, model, vocab_size=vocab_size)
     batch = next(data_iterator)
     tokens = batch["tokens"]
     s = tokens.shape[1]
     positions = torch.arange(s).expand_as(tokens)
     logits = model(tokens, positions, causal_attention_mask(s, tokens.device))
-    if entropy:
-        return logits, partial(_entropy_sums, batch["labels"], batch["row"], vocab_size)
 
     def drop(output):
         zero = output.new_zeros((), dtype=torch.float32)

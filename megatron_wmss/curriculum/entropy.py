@@ -9,7 +9,8 @@ logits *at* every token from the start of the first reply's header (``<|im_start
 to the end of the rendered conversation (nothing appended), i.e. T_i = [answer_start, L) of
 the row tokenized with ``loss_on = all``.
 Teacher-forced, forward-only through megatron's pipeline schedule (any TP/PP), data sharded
-over data-parallel ranks, logits never gathered (vocab-parallel entropy, fp32).
+over data-parallel ranks, logits never gathered nor held whole: the supervised positions'
+hidden states make them a chunk of tokens at a time (vocab-parallel entropy, fp32).
 
 Resumable: the data is cut into shards of ``shard_size`` samples; rank 0 writes each finished
 shard to ``OUT.parts/shard_NNNNNN.jsonl`` atomically, and a rerun skips the shards already
@@ -123,22 +124,47 @@ def _forward_step(data_iterator, model, *, vocab_size: int):
     tokens = batch["tokens"]
     length = tokens.shape[1]
     positions = torch.arange(length, device=tokens.device).expand_as(tokens)
-    output = model(tokens, positions, causal_attention_mask(length, tokens.device))
+    # The stage's output without the output layer: the last stage's final hidden states,
+    # turned into logits a chunk of supervised tokens at a time (_entropy_sums).
+    output = model.final_hidden_states(tokens, positions, causal_attention_mask(length,
+                                                                                tokens.device))
     mask = batch["span"] if "span" in batch else batch["labels"] != -100
-    return output, partial(_entropy_sums, mask, batch["row"], vocab_size)
+    return output, partial(_entropy_sums, mask, batch["row"], vocab_size, model)
 
 
-def _entropy_sums(mask, rows, vocab_size, logits):
-    """Per sample of the micro-batch: (row, Σ entropy over the positions of ``mask``, count)."""
+#: Logit elements of one chunk of the entropy pass (dtype of the model): 2^24, 32 MiB in bf16.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_tokens(local_vocab: int) -> int:
+    """Tokens whose logits the entropy pass makes at once from a ``local_vocab`` shard."""
+    return max(1, CHUNK_ELEMENTS // max(local_vocab, 1))
+
+
+def _entropy_sums(mask, rows, vocab_size, model, hidden_sbh):
+    """Per sample of the micro-batch: (row, Σ entropy over the positions of ``mask``, count).
+
+    Only the supervised positions' hidden states are multiplied by the output weight, a chunk
+    of :func:`chunk_tokens` at a time: no ``[b, s, V/t]`` logits tensor exists (at 8B, TP 2,
+    8 x 4,096 tokens it would be 4.6 GiB in bf16, twice over with megatron's transposed
+    copy)."""
     from megatron.core import parallel_state as ps
 
     from megatron_wmss.loss import token_entropy
 
-    # Only the supervised positions are computed: prompts and padding cost nothing.
-    entropy_bs = token_entropy(logits, ps.get_tensor_model_parallel_group(), vocab_size, mask)
-    sums = torch.where(mask, entropy_bs, 0.0).sum(dim=1, dtype=torch.float64)
+    weight_vh = model.output_weight()
+    selected_nh = hidden_sbh.transpose(0, 1)[mask]  # mask is the same on every TP rank
+    step = chunk_tokens(weight_vh.shape[0])
+    tp_group = ps.get_tensor_model_parallel_group()
+    entropy_n = torch.cat([token_entropy(selected_nh[start:start + step] @ weight_vh.t(),
+                                         tp_group, vocab_size)
+                           for start in range(0, selected_nh.shape[0], step)]
+                          or [hidden_sbh.new_zeros(0, dtype=torch.float32)])
+    entropy_bs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden_sbh.device)
+    entropy_bs[mask] = entropy_n
+    sums = entropy_bs.sum(dim=1, dtype=torch.float64)
     report = torch.stack([rows.to(torch.float64), sums, mask.sum(dim=1).to(torch.float64)], 1)
-    zero = logits.new_zeros((), dtype=torch.float32)
+    zero = hidden_sbh.new_zeros((), dtype=torch.float32)
     return zero, mask.sum().to(torch.int), {"entropy": report}
 
 

@@ -92,10 +92,12 @@ def case(tmp_path_factory):
     return root, str(data_path), naive
 
 
-def _pass(root, data_path, out, shard_size=16, crash_after=None):
+def _pass(root, data_path, out, shard_size=16, crash_after=None, chunk_tokens=None):
     from megatron_wmss.curriculum import entropy as module
     from megatron_wmss.data import TokenizerConfig
 
+    if chunk_tokens is not None:  # logits of this many tokens at a time (the vocab shard: 192)
+        module.CHUNK_ELEMENTS = chunk_tokens * 192
     calls = []
     real = module._run_shard
 
@@ -120,12 +122,13 @@ def _read(out):
     return [json.loads(line) for line in Path(out).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_entropies_match_the_naive_full_vocabulary_computation(case, tp, pp, tmp_path):
+@pytest.mark.parametrize("tp,pp,chunk", [(1, 1, None), (2, 1, None), (1, 2, None), (2, 1, 7)],
+                         ids=["tp1", "tp2", "pp2", "tp2-chunks-of-7-tokens"])
+def test_entropies_match_the_naive_full_vocabulary_computation(case, tp, pp, chunk, tmp_path):
     root, data_path, naive = case
     out = str(tmp_path / "h.jsonl")
     run_distributed(_pass, world_size=tp * pp, tp=tp, pp=pp, args=(root, data_path, out),
-                    timeout=300)
+                    kwargs={"chunk_tokens": chunk}, timeout=300)
     rows = _read(out)
     assert [r["idx"] for r in rows] == sorted(naive)  # every sample once, in data order
     for r in rows:
