@@ -53,10 +53,11 @@ def predicted_cost_ratio(iterations: int, active_fractions: list[float],
     return arm / (3.0 * (1 + iterations))
 
 
-def _predicted(config: PipelineConfig) -> Optional[float]:
-    """The prediction for this run's own active sets (mean over seeds)."""
+def _predicted(config: PipelineConfig) -> tuple[Optional[float], Optional[float]]:
+    """The prediction for this run's own active sets (mean over seeds), and their mean
+    fraction (what ``wmss plan --active-fraction`` takes to print the same ratio)."""
     mix = (config.joint.get("mix") or {})
-    ratios = []
+    ratios, seen = [], []
     for seed in config.seeds:
         fractions = []
         for t in range(1, config.iterations + 1):
@@ -67,9 +68,12 @@ def _predicted(config: PipelineConfig) -> Optional[float]:
                 break
             fractions.append(marker["result"]["fraction_kept"])
         if len(fractions) == config.iterations:
+            seen += fractions
             ratios.append(predicted_cost_ratio(config.iterations, fractions,
                                                bool(mix.get("freeze_weak", False))))
-    return statistics.fmean(ratios) if ratios else None
+    if not ratios:
+        return None, None
+    return statistics.fmean(ratios), statistics.fmean(seen)
 
 
 def build_cost(config: PipelineConfig) -> dict:
@@ -94,9 +98,12 @@ def build_cost(config: PipelineConfig) -> dict:
             "wmss_tokens": sum(c.get("tokens") or 0 for c in arm.values()),
             "baseline_tokens": baseline.get("tokens")}
     ratios = [s["ratio"] for s in seeds.values() if s["ratio"] is not None]
+    predicted, fraction = _predicted(config)
+    memory = {sid: {"peak_bytes": c["peak_bytes"], "measure": c.get("peak_measure")}
+              for sid, c in costs.items() if c.get("peak_bytes")}
     return {"seeds": seeds, "mean_ratio": statistics.fmean(ratios) if ratios else None,
-            "predicted_ratio": _predicted(config),
-            "paper_ratio": (4 * 60 + 49) / (4 * 60 + 30)}
+            "predicted_ratio": predicted, "active_fraction": fraction,
+            "paper_ratio": (4 * 60 + 49) / (4 * 60 + 30), "peak_memory": memory}
 
 
 def render_cost(cost: dict) -> str:
@@ -114,8 +121,26 @@ def render_cost(cost: dict) -> str:
     measured = "—" if cost["mean_ratio"] is None else f"{cost['mean_ratio']:.2f}x"
     predicted = ("not computed" if cost["predicted_ratio"] is None
                  else f"{cost['predicted_ratio']:.2f}x")
-    lines += ["", f"Measured ratio (mean over seeds): {measured}; predicted from FLOPs for "
-              f"this run's active sets: {predicted} (forward + backward = 3 forwards; entropy "
-              "passes forward only; phase 3 two models; what the FLOPs leave out, such as "
-              "start-up, tokenization and checkpoints, shows as the difference).", ""]
+    plan = "" if cost.get("active_fraction") is None else (
+        f" (`wmss plan CONFIG --active-fraction {cost['active_fraction']:.2f}` prints the "
+        "same)")
+    lines += ["", f"Measured ratio (mean over seeds): {measured}; `wmss plan`'s prediction from "
+              f"FLOPs for this run's active sets: {predicted}{plan} (forward + backward = 3 "
+              "forwards; entropy passes forward only; phase 3 two models; what the FLOPs leave "
+              "out, such as start-up, tokenization and checkpoints, shows as the "
+              "difference).", ""]
+    memory = cost.get("peak_memory") or {}
+    if memory:
+        how = {m["measure"] for m in memory.values()}
+        lines += ["Peak memory per rank of each stage, GiB (" + ", ".join(sorted(
+            _MEASURES.get(h, str(h)) for h in how)) + "; `wmss plan CONFIG` predicts it):", "",
+                  "| stage | largest rank | per rank |", "|---|---|---|"]
+        for sid, m in memory.items():
+            per = " / ".join(f"{b / 2**30:.2f}" for b in m["peak_bytes"])
+            lines.append(f"| {sid} | {max(m['peak_bytes']) / 2**30:.2f} | {per} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+_MEASURES = {"cuda_max_memory_allocated": "torch.cuda.max_memory_allocated",
+             "rss_growth": "growth of the peak RSS over the stage's start"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_wmss.pipeline.config import PipelineConfig
+from megatron_wmss.platform.peak_memory import PeakMemory
 from megatron_wmss.platform.ranks import on_rank_zero
 
 __all__ = ["PREEMPTED", "Stage", "model_path", "plan_stages", "run_stages"]
@@ -244,11 +245,27 @@ def _run_extract(config: PipelineConfig, stage: Stage) -> dict:
     from megatron_wmss.interop.convert import extract_megatron
 
     out = stage.directory(config.root) / "model"
-    with _layout(1, 1):
-        extract_megatron(model_path(config, stage.params["joint"]), out, which="strong",
-                         overwrite=True)
+    joint = model_path(config, stage.params["joint"])
+    with _layout(*_saved_layout(joint)):
+        extract_megatron(joint, out, which="strong", overwrite=True)
     _barrier()
     return {"model": str(out)}
+
+
+def _saved_layout(checkpoint: str) -> tuple[int, int]:
+    """(TP, PP) a training checkpoint was saved at (its train_state.json), where this world
+    can run it; else (1, 1). Extraction runs there: no rank holds more than its training shard,
+    and the evaluations and later rounds, at that layout too, load it without resharding (a
+    load at another TP reads whole stored tensors)."""
+    import torch.distributed as dist
+
+    try:
+        tp, pp, _ = json.loads((Path(checkpoint) / "train_state.json").read_text())["layout"]
+        tp, pp = int(tp), int(pp)
+    except (OSError, KeyError, TypeError, ValueError):
+        return 1, 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return (tp, pp) if tp >= 1 and pp >= 1 and world % (tp * pp) == 0 else (1, 1)
 
 
 def _base_tokenizer_and_head_dim(config: PipelineConfig) -> tuple[Optional[str], int]:
@@ -355,6 +372,7 @@ def read_marker(config: PipelineConfig, stage: Stage) -> Optional[dict]:
 def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
     """Run every unmarked stage on this rank (all ranks call it); 0 when all are done, the
     trainer's code (75: preempted, 3: non-finite) when a training stage stopped early."""
+    _preload()
     for number, stage in enumerate(stages, 1):
         where = f"wmss run: [{number}/{len(stages)}] {stage.id} ({stage.kind})"
         if read_marker(config, stage) is not None:
@@ -365,6 +383,8 @@ def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
             print(f"{where}", file=sys.stderr, flush=True)
         _seed_everything(stage.seed)
         stage.directory(config.root).mkdir(parents=True, exist_ok=True)
+        peak = PeakMemory()
+        peak.start()
         started = time.monotonic()
         try:
             result = _RUNNERS[stage.kind](config, stage)
@@ -373,9 +393,34 @@ def run_stages(config: PipelineConfig, stages: list[Stage]) -> int:
         cost = {"seconds": time.monotonic() - started, "tokens": _tokens(config, stage, result)}
         # A rank that failed inside the stage is past announcing it here (its peers may sit in
         # a collective of the stage): the launcher ends them (platform/ranks.py).
-        _barrier()
+        cost.update(_peaks(peak.stop()))
         on_rank_zero(lambda: _write_marker(config, stage, result, cost), f"{stage.id}: marker")
     return 0
+
+
+def _preload() -> None:
+    """Import the libraries the stages use before the first one starts, so that their one-time
+    loading (~0.1 GiB of code and tables) is not counted in that stage's peak memory."""
+    import importlib
+    import importlib.util
+
+    for name in ("datasets", "transformers", "lm_eval"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
+def _peaks(mine: Optional[dict]) -> dict:
+    """Every rank's peak memory of the stage (collective: also the stage's end barrier):
+    ``peak_bytes`` per rank and how it was measured, or nothing where no rank measured."""
+    import torch.distributed as dist
+
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    if any(p is None for p in every):
+        return {}
+    return {"peak_bytes": [p["bytes"] for p in every], "peak_measure": every[0]["how"]}
 
 
 def _tokens(config: PipelineConfig, stage: Stage, result: dict) -> Optional[int]:

@@ -118,6 +118,9 @@ def test_the_cost_table_sums_the_wmss_arm_and_divides_by_the_baseline(run):
             record = json.loads(marker.read_text()) if marker.is_file() else {"result": {}}
             shared = name.startswith("shared/")
             record["cost"] = {"seconds": value if shared else value * seed, "tokens": 100}
+            if name == "joint1":  # what run_stages records: every rank's peak
+                record["cost"].update(peak_bytes=[3 * 2**30, 2**29 * seed],
+                                      peak_measure="rss_growth")
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(record))
     for seed, fraction in ((1, 0.5), (2, 0.25)):
@@ -136,7 +139,13 @@ def test_the_cost_table_sums_the_wmss_arm_and_divides_by_the_baseline(run):
     assert "| 1 | 10.0 | 7.0 | 1.0 | 12.0 | 2.0 | 32.0 | 20.0 | 1.60x |" in text
     # Per seed (3 + 2 + 6a) / 6 for its own active fraction a, then the mean.
     assert cost["predicted_ratio"] == pytest.approx((8 / 6 + 6.5 / 6) / 2)
-    assert "Measured ratio (mean over seeds): 1.55x; predicted" in text and "1.21x" in text
+    assert "Measured ratio (mean over seeds): 1.55x; `wmss plan`'s prediction" in text
+    assert "1.21x (`wmss plan CONFIG --active-fraction 0.38` prints the same)" in text
+    assert cost["active_fraction"] == pytest.approx(0.375)
+    # Peak memory per stage: the largest rank, then each rank.
+    assert "| seed2/joint1 | 3.00 | 3.00 / 1.00 |" in text
+    assert "growth of the peak RSS over the stage's start" in text
+    assert set(cost["peak_memory"]) == {"seed1/joint1", "seed2/joint1"}
 
 
 def test_the_predicted_cost_ratio_counts_flops_per_stage():
