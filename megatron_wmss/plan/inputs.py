@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -144,6 +145,34 @@ def resolve_stage_model(base: Optional[ModelConfig], overrides: dict, where: str
             raise RecipeError(f"{section}.{name}={getattr(cfg, name)!r} differs from the "
                               f"planned architecture's {getattr(base, name)!r}")
     return cfg
+
+
+def stored_chunk_bytes(path: str) -> Optional[int]:
+    """Bytes of the largest model-weight chunk a megatron checkpoint stores (torch's
+    distributed-checkpoint metadata: one chunk per shard it was saved with, so the
+    embedding's ``V/t x h`` at the TP it was saved at), optimizer state left out; None for
+    an HF directory or anything unreadable."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    p = Path(path).expanduser()
+    if not (p / "metadata.json").is_file():
+        from megatron_wmss.training.state import find_resume_checkpoint
+
+        p = find_resume_checkpoint(p) if p.is_dir() else None
+        if p is None or not (p / "metadata.json").is_file():
+            return None
+    try:
+        meta = FileSystemReader(str(p)).read_metadata()
+    except Exception:  # noqa: BLE001 - another format or a damaged file: unknown
+        return None
+    largest = 0
+    for key, item in meta.state_dict_metadata.items():
+        chunks = getattr(item, "chunks", None)
+        if not chunks or key.startswith("optimizer") or "_extra_state" in key:
+            continue
+        size = item.properties.dtype.itemsize
+        largest = max(largest, max(math.prod(c.sizes) for c in chunks) * size)
+    return largest or None
 
 
 def count_rows(paths: list[str]) -> Optional[int]:

@@ -22,9 +22,15 @@ bytes per parameter (2 bf16, 4 fp32), ``DP`` the data-parallel size::
                        when trainer.log_update_norm is on
     gradient reduce    gloo's reduce-scatter of the fp32 gradient buffer (CPU, distributed
                        optimizer) copies it whole, 4·P_t, after backward; NCCL: 0
+    checkpoint load    CPU: torch's distributed checkpoint reads each stored chunk whole into
+                       host memory before copying it into the parameter, so loading holds one
+                       more of the largest chunk the checkpoint stores (the embedding's
+                       ``V/t·h`` at the TP it was saved at: a checkpoint saved at a lower TP
+                       costs more); on a GPU that copy is in host memory, not counted
 
     total = weights + gradient buffers + optimizer state
-            + max(activations + max(loss, recomputed layer), optimizer step, gradient reduce)
+            + max(activations + max(loss, recomputed layer), optimizer step, gradient reduce,
+                  checkpoint load)
 
 With PP > 1 (non-interleaved 1F1B) stage i holds ``min(PP − i, micro-batches)`` micro-batches
 in flight. Padding of megatron's buffers (≤ 64 elements per parameter and the bucket's
@@ -82,7 +88,7 @@ def training_memory(cfg: ModelConfig, layout: Layout, *, recompute: str, cross_e
                     distributed_optimizer: bool, micro_batch_size: int, seq_length: int,
                     num_microbatches: int, models: int = 1, freeze_weak: bool = False,
                     impl: str = "te", gpu: bool = True, update_norm: bool = False,
-                    chunk_tokens: int | None = None) -> list[RankMemory]:
+                    chunk_tokens: int | None = None, load_bytes: int = 0) -> list[RankMemory]:
     """Per pipeline stage, the memory of one rank of a training step (``models`` 1: SFT,
     2: the joint strong/weak pair). ``gpu``: CUDA's allocations (fused Adam, NCCL in place,
     megatron's attention-score buffer resident) or a CPU process's resident memory (torch's
@@ -118,31 +124,43 @@ def training_memory(cfg: ModelConfig, layout: Layout, *, recompute: str, cross_e
         c = {"weights": e * P, "gradient_buffers": 4 * P_t,
              "optimizer_state": (12 if e == 2 else 8) * -(-P_t // shard),
              "activations": kept, "recomputed_layer": recomputed, "loss": loss,
-             "optimizer_step": step, "gradient_reduce": 4 * P_t if copying else 0}
+             "optimizer_step": step, "gradient_reduce": 4 * P_t if copying else 0,
+             "checkpoint_load": load_bytes}
         total = c["weights"] + c["gradient_buffers"] + c["optimizer_state"] + max(
-            kept + max(loss, recomputed), step, c["gradient_reduce"])
+            kept + max(loss, recomputed), step, c["gradient_reduce"], load_bytes)
         out.append(RankMemory(stage, P, P_t, c, total))
     return out
 
 
 def entropy_memory(cfg: ModelConfig, layout: Layout, *, micro_batch_size: int,
-                   seq_length: int, impl: str = "te", gpu: bool = True) -> list[RankMemory]:
+                   seq_length: int, impl: str = "te", gpu: bool = True, load_bytes: int = 0
+                   ) -> list[RankMemory]:
     """Per pipeline stage, one rank of a forward-only entropy pass: the weights, one layer's
-    working set, and on the last stage the ``[b, s, V/t]`` logits (dtype e) the vocab-parallel
-    entropy reads in 2 MB fp32 row chunks."""
+    working set, and on the last stage what the entropy adds to the final hidden states
+    (``curriculum/entropy.py``): the supervised positions' hidden states (at most every
+    token, ``T·e·h``) and the logits of one chunk of them ``[c, V/t]`` (dtype e, ``c`` =
+    ``chunk_tokens``), read in 2 MB fp32 row chunks; the larger of that and the working set,
+    or of the checkpoint's load transient (``load_bytes``)."""
+    from megatron_wmss.curriculum.entropy import chunk_tokens
+
     sh = Shape(cfg, layout.tp, seq_length, micro_batch_size, False, impl)
     out = []
     for stage in range(layout.pp):
         P = stage_parameters(cfg, layout.tp, layout.pp, stage).total
-        logits = sh.tokens * sh.local_vocab * sh.e if stage == layout.pp - 1 else 0
+        head = 0
+        if stage == layout.pp - 1:
+            chunk = min(sh.tokens, chunk_tokens(sh.local_vocab))
+            head = sh.tokens * sh.e * cfg.hidden_size * 2 + chunk * sh.local_vocab * sh.e
         working = forward_working_bytes(sh) + (score_buffer_bytes(sh) if gpu else 0)
-        c = {"weights": _e(cfg) * P, "activations": working, "logits": logits}
-        out.append(RankMemory(stage, P, 0, c, sum(c.values())))
+        c = {"weights": _e(cfg) * P, "activations": working, "entropy_chunk": head,
+             "checkpoint_load": load_bytes}
+        out.append(RankMemory(stage, P, 0, c, c["weights"] + max(working, head, load_bytes)))
     return out
 
 
 def eval_memory(cfg: ModelConfig, tp: int, *, batch: int, prompt_tokens: int,
-                new_tokens: int, impl: str = "te", gpu: bool = True) -> RankMemory:
+                new_tokens: int, impl: str = "te", gpu: bool = True, load_bytes: int = 0
+                ) -> RankMemory:
     """One rank of the megatron evaluation backend's batched greedy decoding: the weights, the
     KV cache for ``batch`` rows of ``prompt_tokens + new_tokens`` (capped at the model's
     ``max_position_embeddings``, as the backend truncates prompts), and the prefill's working
@@ -152,5 +170,6 @@ def eval_memory(cfg: ModelConfig, tp: int, *, batch: int, prompt_tokens: int,
     P = stage_parameters(cfg, tp, 1, 0).total
     c = {"weights": _e(cfg) * P, "kv_cache": kv_cache_bytes(cfg, tp, batch, longest),
          "activations": forward_working_bytes(prefill)
-         + (score_buffer_bytes(prefill) if gpu else 0)}
-    return RankMemory(0, P, 0, c, sum(c.values()))
+         + (score_buffer_bytes(prefill) if gpu else 0), "checkpoint_load": load_bytes}
+    return RankMemory(0, P, 0, c, c["weights"] + max(c["kv_cache"] + c["activations"],
+                                                     load_bytes))

@@ -8,22 +8,27 @@ files that earlier stages will write.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from megatron_wmss.config.recipe import RecipeError, apply_overrides, read_recipe
+from megatron_wmss.plan.counts import stage_parameters
 from megatron_wmss.plan.inputs import (
     config_kind,
     count_rows,
     read_architecture,
     recipe_sections,
     resolve_stage_model,
+    stored_chunk_bytes,
 )
 from megatron_wmss.plan.planner import (
     Plan,
     PlanOptions,
     plan_recipe,
+    PAPER_ACTIVE_FRACTION,
     StagePlan,
     active_samples,
+    checkpoint_load_bytes,
     common_notes,
     entropy_phase,
     entropy_stage,
@@ -86,6 +91,10 @@ def plan_run(config_path: str, overrides: list, options: PlanOptions) -> Plan:
 
     dedupe = SelectionConfig(**config.selection, seed=0).dedupe
     active = active_samples(samples, dedupe, options)
+    load = 0
+    if options.target == "cpu":
+        load = checkpoint_load_bytes(cfg, stored_chunk_bytes(config.base), [
+            r.parallel.tensor_model_parallel_size for r in recipes.values()])
     columns: dict[str, StagePlan] = {}
     for stage in stages:
         name = stage.id.split("/", 1)[1]
@@ -96,19 +105,20 @@ def plan_run(config_path: str, overrides: list, options: PlanOptions) -> Plan:
             frozen = bool(recipe.mix and recipe.mix.freeze_weak)
             column = stage.kind + (" (frozen weak)" if frozen else "")
             if column not in columns:
-                columns[column] = training_stage(column, recipe, model, world, options, frozen)
+                columns[column] = training_stage(column, recipe, model, world, options, frozen,
+                                                 load)
             n = active if stage.params.get("active_set") else samples
             plan.phases.append(training_phase(name, column, recipe, n,
                                                columns[column].layout.dp))
         elif stage.kind == "entropy":
             if "entropy" not in columns:
                 columns["entropy"] = entropy_stage(cfg, config.entropy, first.data, world,
-                                                   options)
+                                                   options, load)
             plan.phases.append(entropy_phase(
                 name, samples, config.entropy.micro_batch_size,
                 columns["entropy"].layout.dp, first.data.row_length))
         elif stage.kind == "eval" and "eval" not in columns:
-            columns["eval"] = eval_stage(cfg, config.eval, world, options)
+            columns["eval"] = eval_stage(cfg, config.eval, world, options, load)
     order = ("sft", "entropy", "joint", "joint (frozen weak)", "eval")
     plan.stages = [columns[k] for k in order if k in columns]
     if samples is not None:
@@ -117,6 +127,24 @@ def plan_run(config_path: str, overrides: list, options: PlanOptions) -> Plan:
                if dedupe else "no de-duplication: as many draws as samples")
         plan.notes.append(f"phase 3 and the active-set controls train on {active} samples "
                           f"({active / samples:.0%} of the data: {why})")
+    from megatron_wmss.pipeline.cost import predicted_cost_ratio
+
+    fraction = options.active_fraction or (PAPER_ACTIVE_FRACTION if dedupe else 1.0)
+    frozen = bool((config.joint.get("mix") or {}).get("freeze_weak", False))
+    plan.cost = {"ratio": predicted_cost_ratio(config.iterations,
+                                               [fraction] * config.iterations, frozen),
+                 "active_fraction": fraction, "iterations": config.iterations,
+                 "freeze_weak": frozen}
+    base_dir = Path(config.base)
+    if (base_dir / "config.json").is_file() and not (base_dir / "metadata.json").is_file():
+        full = stage_parameters(base, 1, 1, 0).total * (2 if base.params_dtype != "float32"
+                                                       else 4)
+        plan.notes.append(
+            f"the base is an HF directory: the stages that read it (entropy of M0, phase 1, "
+            f"the baseline, the weak model of round 1, its evaluation) import it first, each "
+            f"rank holding the whole HF model ({full / 2**30:.2f} GiB) in host memory besides "
+            "what is planned here; `wmss import-hf --tp N` once and base: the checkpoint "
+            "avoids it")
     if len(config.seeds) > 1:
         plan.notes.append(f"steps are per seed; the run repeats them for {len(config.seeds)} "
                           "seeds")

@@ -29,7 +29,9 @@ from megatron_wmss.plan.inputs import (
     read_architecture,
     recipe_sections,
     resolve_stage_model,
+    stored_chunk_bytes,
 )
+from megatron_wmss.plan.counts import stage_parameters
 from megatron_wmss.plan.memory import (
     Layout,
     RankMemory,
@@ -131,6 +133,9 @@ class Plan:
     stages: list[StagePlan] = field(default_factory=list)
     phases: list[PhaseSteps] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cost: Optional[dict] = None
+    """``wmss run`` configs: the WMSS arm's cost over the SFT baseline's predicted from FLOPs
+    (``ratio``), for phase 3's ``active_fraction`` (``pipeline/cost.predicted_cost_ratio``)."""
 
     def verdict(self, stage: StagePlan) -> str:
         """fits (≤ FIT_FRACTION of the GPU), tight (≤ 100%) or does not fit."""
@@ -152,7 +157,7 @@ def _impl(cfg: ModelConfig, target: str) -> str:
 
 
 def training_stage(name: str, recipe, cfg: ModelConfig, world: int, options: PlanOptions,
-                   frozen: bool) -> StagePlan:
+                   frozen: bool, load_bytes: int = 0) -> StagePlan:
     """The memory column of a training recipe (``models`` and choices from the recipe, the
     null memory settings resolved for the target)."""
     cfg.check_parallel(recipe.parallel)
@@ -171,7 +176,7 @@ def training_stage(name: str, recipe, cfg: ModelConfig, world: int, options: Pla
         micro_batch_size=recipe.data.micro_batch_size, seq_length=seq, num_microbatches=micro,
         models=models, freeze_weak=frozen, impl=impl, gpu=gpu,
         update_norm=recipe.trainer.log_update_norm,
-        chunk_tokens=memory.cross_entropy_chunk_tokens)
+        chunk_tokens=memory.cross_entropy_chunk_tokens, load_bytes=load_bytes)
     settings = {"params_dtype": cfg.params_dtype, "layers": impl, "models": models,
                 "freeze_weak": frozen, "micro_batch_size": recipe.data.micro_batch_size,
                 "seq_length": seq, "microbatches_per_step": micro,
@@ -217,7 +222,10 @@ def plan_recipe(config_path: str, raw: dict, kind: str, options: PlanOptions) ->
         except FileNotFoundError:
             pass
     frozen = bool(recipe.mix and recipe.mix.freeze_weak)
-    stage = training_stage(kind, recipe, cfg, world, options, frozen)
+    load = 0
+    if options.target == "cpu":
+        load = max([stored_chunk_bytes(p) or 0 for p in here] or [0])
+    stage = training_stage(kind, recipe, cfg, world, options, frozen, load)
     plan = Plan(config_path, kind, world, options.target, options.gpu_memory, cfg, samples,
                 where, [stage])
     plan.phases.append(training_phase(kind, kind, recipe, samples, stage.layout.dp))
@@ -253,19 +261,29 @@ def common_notes(plan: Plan, options: PlanOptions) -> None:
                           "context, NCCL buffers and allocator fragmentation are not counted)")
 
 
+def checkpoint_load_bytes(cfg: ModelConfig, base_chunk: Optional[int], tps: list[int]) -> int:
+    """The CPU load transient of a run's stages (:mod:`megatron_wmss.plan.memory`): the largest
+    chunk of the base checkpoint (``base_chunk``, from its metadata) or of a checkpoint the run
+    writes at one of its training tensor-parallel sizes ``tps`` (extraction saves at the joint
+    stage's layout)."""
+    e = 4 if cfg.params_dtype == "float32" else 2
+    written = max(e * stage_parameters(cfg, tp, 1, 0).largest for tp in tps)
+    return max(base_chunk or 0, written)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def entropy_stage(cfg: ModelConfig, settings, data, world: int, options: PlanOptions
-                  ) -> StagePlan:
+def entropy_stage(cfg: ModelConfig, settings, data, world: int, options: PlanOptions,
+                  load_bytes: int = 0) -> StagePlan:
     """The entropy pass's memory column (``wmss run``'s EntropySettings layout)."""
     tp, pp = settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size
     layout = _layout(tp, pp, world, False, "entropy")
     impl = _impl(cfg, options.target)
     ranks = entropy_memory(cfg, layout, micro_batch_size=settings.micro_batch_size,
                            seq_length=data.row_length, impl=impl,
-                           gpu=options.target == "gpu")
+                           gpu=options.target == "gpu", load_bytes=load_bytes)
     return StagePlan("entropy", "entropy", layout, {
         "params_dtype": cfg.params_dtype, "layers": impl,
         "micro_batch_size": settings.micro_batch_size, "seq_length": data.row_length,
@@ -281,7 +299,8 @@ def entropy_phase(name: str, samples: Optional[int], micro: int, dp: int, row_le
     return PhaseSteps(name, "entropy", samples, 1, per_rank, None, samples * row_length)
 
 
-def eval_stage(cfg: ModelConfig, settings, world: int, options: PlanOptions) -> StagePlan:
+def eval_stage(cfg: ModelConfig, settings, world: int, options: PlanOptions,
+               load_bytes: int = 0) -> StagePlan:
     """The evaluation column: batched greedy decoding with the longest task budget."""
     from megatron_wmss.evaluation.benchmarks import get_task
 
@@ -292,7 +311,7 @@ def eval_stage(cfg: ModelConfig, settings, world: int, options: PlanOptions) -> 
     impl = _impl(cfg, options.target)
     rank = eval_memory(cfg, tp, batch=settings.generate_batch_size,
                        prompt_tokens=options.eval_prompt_tokens, new_tokens=new, impl=impl,
-                       gpu=options.target == "gpu")
+                       gpu=options.target == "gpu", load_bytes=load_bytes)
     longest = min(cfg.max_position_embeddings, options.eval_prompt_tokens + new)
     return StagePlan("eval", "eval", layout, {
         "params_dtype": cfg.params_dtype, "layers": impl,

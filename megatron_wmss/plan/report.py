@@ -5,7 +5,8 @@ ModelConfig and its parameter count), ``samples``; ``stages``: per memory column
 ``layout`` (tp, pp, dp, sequence_parallel), ``settings``, ``ranks`` (per pipeline stage:
 ``parameters``, ``trainable``, ``components`` in bytes, ``total``), ``peak_bytes`` and
 ``verdict``; ``phases``: samples, epochs, micro-batches, optimizer steps and tokens per stage
-of the run; ``formulas``; ``notes``.
+of the run; ``formulas``; ``notes``; ``cost`` (run configs: the predicted WMSS / SFT cost
+ratio and the active fraction it assumes).
 """
 
 from __future__ import annotations
@@ -41,18 +42,25 @@ FORMULAS = {
     "gradient_reduce": "CPU, distributed optimizer: gloo's reduce-scatter copies the fp32 "
                        "gradient buffer (4·P_trained); NCCL: 0",
     "kv_cache": "2·L·(prompt + new tokens)·batch·(g/t)·d·e (megatron StaticInferenceContext)",
-    "logits": "entropy pass: [b, s, V/t] in e on the last stage",
+    "entropy_chunk": "entropy pass, last stage: the final hidden states and the supervised "
+                     "positions' copy (2·T·e·h at most) + one chunk's logits [c, V/t] in e "
+                     "(c·V/t <= 2^24; no [T, V/t] logits)",
+    "checkpoint_load": "CPU: torch's distributed checkpoint reads each stored chunk whole "
+                       "before copying it into the parameter: the largest chunk of the base "
+                       "(its metadata) or of the run's checkpoints (e·V/t·h at their TP); on "
+                       "a GPU that copy is host memory, 0",
     "total": "weights + gradient_buffers + optimizer_state + max(activations + max(loss, "
-             "recomputed_layer), optimizer_step, gradient_reduce); forward-only stages: the "
-             "sum",
+             "recomputed_layer), optimizer_step, gradient_reduce, checkpoint_load); entropy: "
+             "weights + max(activations, entropy_chunk, checkpoint_load); eval: weights + "
+             "max(kv_cache + activations, checkpoint_load)",
 }
 
 _ROWS = (("weights", "weights"), ("gradient_buffers", "gradient buffers"),
          ("optimizer_state", "optimizer state"), ("activations", "activations"),
          ("recomputed_layer", "recomputed layer"), ("loss", "loss"),
          ("optimizer_step", "optimizer step (*)"), ("gradient_reduce", "gradient reduce (*)"),
-         ("logits", "logits"),
-         ("kv_cache", "KV cache"))
+         ("entropy_chunk", "entropy chunk"), ("kv_cache", "KV cache"),
+         ("checkpoint_load", "checkpoint load (*)"))
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -74,7 +82,7 @@ def plan_to_dict(plan: Plan) -> dict:
                   "parameters": stage_parameters(plan.model, 1, 1, 0).total},
         "samples": plan.samples, "samples_source": plan.samples_source,
         "stages": stages, "phases": [dataclasses.asdict(p) for p in plan.phases],
-        "formulas": FORMULAS, "notes": plan.notes,
+        "formulas": FORMULAS, "notes": plan.notes, "cost": plan.cost,
     }
 
 
@@ -154,7 +162,8 @@ def format_plan(plan: Plan) -> str:
     rows.append(["of --gpu-memory"] + [f"{r.total / plan.gpu_memory:.0%}" for _, r in columns])
     rows.append(["verdict"] + [plan.verdict(s) for s, _ in columns])
     lines += _table(rows)
-    lines.append("(*) transients after backward, not live together with activations")
+    lines.append("(*) transients not live together with activations (after backward; a "
+                 "checkpoint load: before the first forward)")
     lines.append("")
     lines += [f"{stage.name}: {_describe(stage.settings)}" for stage in plan.stages]
     lines += ["", f"data: {_count(plan.samples)} samples ({plan.samples_source})"]
@@ -167,6 +176,14 @@ def format_plan(plan: Plan) -> str:
         steps.append([f"{p.name} [{p.stage}]", _count(p.samples), str(p.epochs), micro,
                       "-" if p.steps is None else str(p.steps), _count(p.tokens)])
     lines += _table(steps)
+    if plan.cost is not None:
+        c = plan.cost
+        lines += ["", f"cost: the WMSS arm (phase 1, {c['iterations'] + 1} entropy passes, "
+                  f"selection, {c['iterations']} joint round(s) on {c['active_fraction']:.0%} "
+                  f"of the data{', weak frozen' if c['freeze_weak'] else ''}, extraction) "
+                  f"against the SFT baseline ({c['iterations'] + 1} epochs): "
+                  f"{c['ratio']:.2f}x from FLOPs (forward + backward = 3 forwards; the paper "
+                  "measured 1.07x); the run's report/cost.md sets the measured ratio beside it"]
     lines += ["", "how:"] + [f"  {k}: {v}" for k, v in FORMULAS.items()]
     if plan.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in plan.notes]

@@ -76,12 +76,15 @@ def test_paper_recipe_on_one_and_four_nodes(tmp_path, capsys):
     for stage in one["stages"]:
         for rank in stage["ranks"]:
             c = rank["components"]
+            assert c["checkpoint_load"] == 0  # GPU target: the load's copy is host memory
             if stage["kind"] in ("sft", "joint"):
                 total = c["weights"] + c["gradient_buffers"] + c["optimizer_state"] + max(
                     c["activations"] + max(c["loss"], c["recomputed_layer"]),
                     c["optimizer_step"], c["gradient_reduce"])
+            elif stage["kind"] == "entropy":  # the layers' working set, then the entropy's
+                total = c["weights"] + max(c["activations"], c["entropy_chunk"])
             else:
-                total = sum(c.values())
+                total = c["weights"] + c["kv_cache"] + c["activations"]
             assert rank["total"] == total, stage["name"]
     joint1, joint4 = stages["joint"]["ranks"][0], {s["name"]: s for s in four["stages"]}[
         "joint"]["ranks"][0]
@@ -156,7 +159,7 @@ def test_run_config_plans_every_stage(tmp_path, capsys):
     # A frozen weak model has no gradient buffer or optimizer state.
     assert stages["joint (frozen weak)"]["gradient_buffers"] * 2 == stages["joint"][
         "gradient_buffers"]
-    assert stages["eval"]["kv_cache"] > 0 and stages["entropy"]["logits"] > 0
+    assert stages["eval"]["kv_cache"] > 0 and stages["entropy"]["entropy_chunk"] > 0
 
 
 def _qwen3_4b() -> ModelConfig:
@@ -229,3 +232,17 @@ def test_human_table_has_every_component_and_a_verdict(capsys, monkeypatch):
     for row in ("weights", "gradient buffers", "optimizer state", "activations", "loss",
                 "total", "verdict", "optimizer steps", "Korthikanti"):
         assert row in out, row
+
+
+def test_a_run_config_plan_predicts_the_cost_ratio_the_report_compares_with(tmp_path, capsys):
+    from megatron_wmss.pipeline.cost import predicted_cost_ratio
+
+    demo = str(REPO / "examples" / "demo" / "demo.yaml")
+    model = _hf_dir(tmp_path, "4b", QWEN3_4B)  # the demo's base is made by `make demo`
+    out = _plan_json(capsys, demo, "--target", "cpu", "--samples", "4096",
+                     "--active-fraction", "0.375", "--model", model)
+    assert out["cost"]["ratio"] == pytest.approx(predicted_cost_ratio(1, [0.375]))
+    assert out["cost"]["active_fraction"] == 0.375
+    # The paper's unique share (de-duplication is the default) without --active-fraction.
+    out = _plan_json(capsys, demo, "--target", "cpu", "--samples", "4096", "--model", model)
+    assert out["cost"]["ratio"] == pytest.approx((3 + 2 + 6 * 0.56) / 6)
