@@ -2,13 +2,15 @@
 
 ``MegatronLM`` (registered with lm-eval as ``wmss-megatron``) runs on every rank of a
 tensor-parallel group: every rank reports lm-eval rank 0 of world size 1, so each receives all
-requests and runs the same forward passes; the vocabulary-parallel logits are gathered
-(``runtime_gather_output``), so every rank sees the full distribution, and the token chosen at
-each decoding step is broadcast from the group's first rank (sampling draws there only).
+requests and runs the same forward passes. Generation gathers the vocabulary-parallel logits of
+the last position (``runtime_gather_output``), so every rank sees the full distribution, and the
+token chosen at each decoding step is broadcast from the group's first rank (sampling draws
+there only); loglikelihoods are computed vocab-parallel, never gathered.
 Pipeline parallelism is refused: lm-eval's request loop has no stage schedule.
 
 - ``loglikelihood``: one plain forward over context + continuation (right-padded batches under
-  a causal mask), fp32 ``log_softmax`` over the real vocabulary, summed over the continuation;
+  a causal mask) to the final hidden states; the continuation positions' logits only, fp32
+  log-probabilities over the real vocabulary (vocab-parallel), summed over the continuation;
   the same truncation and pairing rules as lm-eval's ``hf`` backend (``TemplateLM``).
 - ``generate_until``: ``generate_batch_size`` requests at a time (those with one setting,
   longest prompts first) in one megatron-core ``StaticInferenceContext`` KV cache: the
@@ -152,6 +154,31 @@ class StopRule:
                                           self.until, None)
 
 
+def _first_argmax(logits_cv: torch.Tensor, tp_group, vocab_size: int) -> torch.Tensor:
+    """``[c]`` global index of each row's largest logit over the real vocabulary (the first
+    one on a tie, as ``argmax`` of the gathered logits picks it), from this rank's
+    ``[c, v]`` shard: one MAX and one MIN all-reduce over ``tp_group``."""
+    from megatron_wmss.loss.vocab_parallel import real_columns_in_shard
+
+    local = logits_cv.shape[-1]
+    rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
+    real = real_columns_in_shard(vocab_size, rank * local, local)
+    rows = logits_cv.shape[0]
+    if real:
+        best_c, index_c = logits_cv[:, :real].float().max(dim=-1)
+        index_c = index_c + rank * local
+    else:  # a shard of padding only
+        best_c = logits_cv.new_full((rows,), -torch.inf, dtype=torch.float32)
+        index_c = torch.zeros(rows, dtype=torch.long, device=logits_cv.device)
+    if tp_group is None or dist.get_world_size(group=tp_group) == 1:
+        return index_c
+    top_c = best_c.clone()
+    dist.all_reduce(top_c, op=dist.ReduceOp.MAX, group=tp_group)
+    first_c = torch.where(best_c == top_c, index_c, torch.iinfo(torch.long).max)
+    dist.all_reduce(first_c, op=dist.ReduceOp.MIN, group=tp_group)
+    return first_c
+
+
 def _register():
     # lm-eval's built-in backends register on import of lm_eval.models: import it first, or
     # registering ours would leave the registry without them.
@@ -258,29 +285,60 @@ class MegatronLM(_TemplateLM):
                    disable=disable_tqdm or not self.leader)
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
-            rows, spans = [], []
+            rows, targets = [], []
             for i in batch:
                 _, context_enc, continuation_enc = requests[i]
                 # The hf backend's window: the last max_length+1 tokens, minus the final one.
                 whole = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
                 rows.append(whole)
-                spans.append(len(continuation_enc))
-            width = max(len(r) for r in rows)
-            tokens = torch.full((len(rows), width), self.tok.eos_id, dtype=torch.long)
-            for r, row in enumerate(rows):
-                tokens[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            logprobs = torch.log_softmax(self._logits(tokens), dim=-1).cpu()
-            for r, i in enumerate(batch):
-                n, length = spans[r], len(rows[r])
-                target = torch.tensor(requests[i][2][-n:], dtype=torch.long)
-                lp = logprobs[r, length - n: length]
-                picked = lp.gather(1, target[:, None])[:, 0]
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                out[i] = (float(picked.double().sum()), greedy)
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                targets.append(list(continuation_enc))
+            for i, result in zip(batch, self._continuation_scores(rows, targets)):
+                out[i] = result
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
             bar.update(len(batch))
         bar.close()
         return out
+
+    @torch.no_grad()
+    def _continuation_scores(self, rows: list[list[int]], targets: list[list[int]]
+                             ) -> list[tuple[float, bool]]:
+        """Per row: Σ log p of its continuation ``targets[r]`` (the tokens after its last
+        ``len(targets[r])`` positions) and whether greedy decoding reproduces it.
+
+        One forward of the right-padded rows to the final hidden states; only the continuation
+        positions are multiplied by this rank's output-weight shard, a chunk of 2^24 logits at
+        a time, and scored vocab-parallel in fp32 (``loss.cross_entropy`` over the real
+        vocabulary; the greedy token is the first global argmax): no ``[b, s, V]`` tensor.
+        """
+        from megatron_wmss.loss import cross_entropy
+        from megatron_wmss.training.step import causal_attention_mask
+
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.tok.eos_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            tokens[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        tokens = tokens.to(self._device)
+        positions = torch.arange(width, device=self._device).expand_as(tokens)
+        hidden_sbh = self.model.final_hidden_states(
+            tokens, positions, causal_attention_mask(width, self._device) if width > 1 else None)
+        at_s = torch.tensor([p for r, t in zip(rows, targets)
+                             for p in range(len(r) - len(t), len(r))], dtype=torch.long)
+        at_b = torch.tensor([b for b, t in enumerate(targets) for _ in t], dtype=torch.long)
+        target_n = torch.tensor([x for t in targets for x in t], dtype=torch.long,
+                                device=self._device)
+        selected_nh = hidden_sbh[at_s.to(self._device), at_b.to(self._device)]
+        weight_vh = self.model.output_weight()
+        step = max(1, (1 << 24) // weight_vh.shape[0])
+        logprob_n, greedy_n = [], []
+        for first in range(0, selected_nh.shape[0], step):
+            logits_cv = selected_nh[first:first + step] @ weight_vh.t()
+            target_c = target_n[first:first + step]
+            logprob_n.append(-cross_entropy(logits_cv, target_c, self.tp_group,
+                                            vocab_size=self.vocab_size))
+            greedy_n.append(_first_argmax(logits_cv, self.tp_group, self.vocab_size) == target_c)
+        logprob = torch.cat(logprob_n).double().cpu().split([len(t) for t in targets])
+        greedy = torch.cat(greedy_n).cpu().split([len(t) for t in targets])
+        return [(float(lp.sum()), bool(g.all())) for lp, g in zip(logprob, greedy)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

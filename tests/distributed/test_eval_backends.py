@@ -152,6 +152,36 @@ def test_megatron_backend_matches_the_hf_backend(models, tp):
     assert mine["chat"] == reference["chat"]
 
 
+def _first_argmax_of_shards():
+    import torch.distributed as dist
+
+    from megatron_wmss.evaluation.backend import _first_argmax
+
+    vocab, padded = 250, 256  # two shards of 128 columns; 6 padded columns on the second
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, padded, generator=gen)
+    logits[0, 5] = logits[0, 200] = 9.0      # a tie across shards: the first index wins
+    logits[1, 140] = logits[1, 170] = 9.0    # a tie inside the second shard
+    logits[2, 252] = 99.0                    # a padded column is not a token
+    logits[3, 127] = 9.0                     # the last column of the first shard
+    logits[4, 128] = 9.0                     # the first of the second
+    logits[5, :] = 1.0                       # every column tied: index 0
+    rank, size = dist.get_rank(), dist.get_world_size()
+    local = padded // size
+    mine = logits[:, rank * local:(rank + 1) * local].to(torch.bfloat16).float()
+    return _first_argmax(mine, None if size == 1 else dist.group.WORLD, vocab).tolist(), \
+        torch.argmax(logits.to(torch.bfloat16).float()[:, :vocab], dim=-1).tolist()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_greedy_check_is_the_first_argmax_of_the_gathered_logits(tp):
+    # Loglikelihood requests never gather the logits: each rank's shard gives its first
+    # maximum, and the ranks agree on the global first one, as argmax of the whole row does.
+    for got, want in run_distributed(_first_argmax_of_shards, tp, tp=tp):
+        assert got == want == [5, 140, want[2], 127, 128, 0]
+        assert want[2] < 250
+
+
 def _wmss(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_wmss.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
