@@ -2,9 +2,9 @@
 
 ``bench/plan_check.py`` trains a 45M-parameter GPT for three steps per configuration in fresh
 gloo ranks and compares each rank's peak RSS growth with the planner's per-rank total. The
-configurations span SFT and joint, TP 1 and 2, DP 2, the distributed optimizer on and off,
-recompute none / selective / full, the chunked and the unfused loss (fp32; the bench also runs
-two bf16 ones); every one must be within the issue's 15%.
+three configurations here span SFT and joint, TP 1 and 2, DP 2, the distributed optimizer on
+and off, recompute none / selective / full, the chunked and the unfused loss (fp32; the bench
+runs seven, bf16 too); every one must be within the issue's 15%.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-FP32_CONFIGS = ("sft-tp1-chunked", "sft-tp2-full-unfused", "sft-dp2-distopt-selective-unfused",
-                "joint-dp2-distopt-chunked", "joint-tp2-full-chunked")
+# Three fp32 configurations cover every axis (the bench runs all seven; CI's 30 minutes).
+FP32_CONFIGS = ("sft-tp2-full-unfused", "sft-dp2-distopt-selective-unfused",
+                "joint-dp2-distopt-chunked")
 
 
 def test_planner_is_within_15_percent_of_the_measured_peak():
-    # The five fp32 configurations cover every axis; the bf16 two are bench/plan_check.py's.
+    # These fp32 configurations cover every axis; the other four are bench/plan_check.py's.
     done = subprocess.run([sys.executable, str(REPO / "bench" / "plan_check.py"), "--json",
                            "--only", ",".join(FP32_CONFIGS)],
                           capture_output=True, text=True, timeout=1800, cwd="/")
