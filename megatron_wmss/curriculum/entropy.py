@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -198,6 +199,37 @@ def _micro_batches(data, rows: list[int], micro: int, pad_id: int, pad_to: Optio
     return out
 
 
+def _model_key(job: EntropyJob) -> dict:
+    """What makes OUT.parts/'s imported model and shards this job's: the model (path, which
+    half, and when it was written) and the tokenizer."""
+    path = Path(job.model).resolve()
+    stamp = next((f for f in (path / "metadata.json", path / "config.json") if f.is_file()), None)
+    return {"model": str(path), "which": job.which,
+            "written": stamp.stat().st_mtime_ns if stamp else None,
+            "tokenizer": job.tokenizer.path if job.tokenizer else None}
+
+
+def _claim_parts(parts: Path, level: str, key: dict) -> None:
+    """Keep what OUT.parts/ holds only when an earlier pass of the same ``key`` left it
+    (``level`` model: the imported model and every shard; pass: the shards, which also depend
+    on the positions, the shard size and the tokenized data). A pass killed and rerun with
+    another model or options under the same OUT starts again instead of mixing results."""
+    parts.mkdir(parents=True, exist_ok=True)
+    record = parts / f"{level}.json"
+    text = json.dumps(key, sort_keys=True)
+    if record.is_file() and record.read_text(encoding="utf-8") == text:
+        return
+    stale = [p for p in parts.iterdir() if p.name.startswith("shard_")]
+    if level == "model":
+        stale += [p for p in parts.iterdir() if p.name in ("model", "pass.json", "data-cache")]
+    if record.is_file() and stale:
+        print(f"entropy: {parts} held a pass of another {level} ({len(stale)} entries); "
+              "starting again", file=sys.stderr, flush=True)
+    for item in stale:
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    write_file_atomic(record, text)
+
+
 def _shard_path(parts: Path, shard: int) -> Path:
     return parts / f"shard_{shard:06d}.jsonl"
 
@@ -232,7 +264,7 @@ def compute_entropies(job: EntropyJob) -> Path:
 
     out = Path(job.out)
     parts = out.with_name(out.name + ".parts")
-    on_rank_zero(lambda: parts.mkdir(parents=True, exist_ok=True), "entropy: parts directory",
+    on_rank_zero(lambda: _claim_parts(parts, "model", _model_key(job)), "entropy: parts directory",
                  share=False)
     ckpt = _prepare_checkpoint(job, parts)
     tokenizer = _tokenizer(job, ckpt)
@@ -249,6 +281,9 @@ def compute_entropies(job: EntropyJob) -> Path:
 
     n = len(data)
     shards = -(-n // job.shard_size)
+    on_rank_zero(lambda: _claim_parts(parts, "pass", {
+        "positions": job.positions, "shard_size": job.shard_size,
+        "data": data_fingerprint(data, tokenizer)}), "entropy: parts key", share=False)
     done = on_rank_zero(lambda: sorted(s for s in range(shards)
                                        if _shard_path(parts, s).is_file()),
                         "entropy: finished shards")

@@ -155,6 +155,23 @@ def test_a_killed_pass_recomputes_only_unfinished_shards_and_gives_the_same_file
     assert Path(resumed).read_bytes() == Path(whole).read_bytes()
 
 
+def test_a_killed_pass_rerun_with_other_options_starts_again(case, tmp_path):
+    # Shards of another pass under the same OUT (here 16 samples each, read back as if they
+    # held 8) must not be mixed in: the rerun recomputes every shard.
+    root, data_path, naive = case
+    out = str(tmp_path / "h.jsonl")
+    with pytest.raises(Exception, match="injected kill"):
+        run_distributed(_pass, world_size=1, args=(root, data_path, out),
+                        kwargs={"crash_after": 1}, timeout=300)
+    assert (tmp_path / "h.jsonl.parts" / "shard_000000.jsonl").is_file()
+    calls = run_distributed(_pass, world_size=1, args=(root, data_path, out),
+                            kwargs={"shard_size": 8}, timeout=300)
+    assert calls[0] == [0, 8, 16, 24, 32]  # nothing reused
+    rows = _read(out)
+    assert [r["idx"] for r in rows] == sorted(naive)
+    assert all(abs(r["entropy"] - naive[r["idx"]][0]) <= ENTROPY_ATOL for r in rows)
+
+
 def test_hf_model_through_the_cli_matches_transformers(tmp_path):
     """`wmss entropy --model HF_DIR` imports on the fly (here at TP=2, padding 320 -> 512
     rows) and must agree with entropies computed from transformers' own logits."""
