@@ -11,14 +11,15 @@ decoding of a few tokens on a local task with the megatron backend), a few steps
 
 Measured: each stage marker's peak per rank (``platform/peak_memory.py``: growth of the rank's
 peak RSS over its RSS at the stage's start, with glibc returning every block >= 64 KiB on free,
-``MALLOC_MMAP_THRESHOLD_``). Predicted: ``wmss plan CONFIG --target cpu --world-size 2`` for
-the same config: its sft, entropy, joint and eval columns (training stages at TP 2 x DP 1; the
-base, imported once at TP 2, is loaded as every checkpoint: one stored chunk at a time). Selection and
-extraction have no column (host-side work); their peaks are printed for the record.
+``MALLOC_MMAP_THRESHOLD_``). Predicted: ``wmss plan CONFIG --target cpu --world-size 2
+--eval-prompt-tokens 128`` for the same config: its sft, entropy, joint and eval columns
+(training stages at TP 2 x DP 1; the base, imported once at TP 2, loads like every checkpoint,
+one stored chunk at a time). Selection and extraction have no column (host-side work); their
+peaks are printed for the record.
 
-    python bench/rehearsal.py [--layers 2] [--rows 8] [--seq 512] [--workdir DIR] [--json]
+    python bench/rehearsal.py [--layers 2] [--rows 4] [--seq 512] [--workdir DIR] [--json]
 
-Exits 1 when a planned stage is off by more than ``TOLERANCE``. About 10 minutes on 2 cores.
+Exits 1 when a planned stage is off by more than ``TOLERANCE``. About 4 minutes on 2 cores.
 """
 
 from __future__ import annotations

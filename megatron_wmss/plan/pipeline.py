@@ -135,8 +135,9 @@ def plan_run(config_path: str, overrides: list, options: PlanOptions) -> Plan:
                                                [fraction] * config.iterations, frozen),
                  "active_fraction": fraction, "iterations": config.iterations,
                  "freeze_weak": frozen}
-    base_dir = Path(config.base)
-    if (base_dir / "config.json").is_file() and not (base_dir / "metadata.json").is_file():
+    base_dir = Path(config.base)  # with --model only an architecture: no note
+    if options.model is None and (base_dir / "config.json").is_file() \
+            and not (base_dir / "metadata.json").is_file():
         full = stage_parameters(base, 1, 1, 0).total * (2 if base.params_dtype != "float32"
                                                        else 4)
         plan.notes.append(

@@ -246,3 +246,19 @@ def test_a_run_config_plan_predicts_the_cost_ratio_the_report_compares_with(tmp_
     # The paper's unique share (de-duplication is the default) without --active-fraction.
     out = _plan_json(capsys, demo, "--target", "cpu", "--samples", "4096", "--model", model)
     assert out["cost"]["ratio"] == pytest.approx((3 + 2 + 6 * 0.56) / 6)
+
+
+def test_an_hf_base_is_named_as_imported_by_every_stage_only_when_it_is_the_base(tmp_path,
+                                                                               capsys):
+    import yaml
+
+    hf = _hf_dir(tmp_path, "base", QWEN3_4B)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "base": hf,
+        "training": {"data": {"paths": [str(TINY_DATA)], "max_length": 256}}}))
+    notes = _plan_json(capsys, str(config))["notes"]
+    assert any("the base is an HF directory" in n and "wmss import-hf" in n for n in notes)
+    # --model names an architecture only (the real base may be a megatron checkpoint).
+    notes = _plan_json(capsys, str(config), "--model", hf)["notes"]
+    assert not any("the base is an HF directory" in n for n in notes)
