@@ -60,15 +60,10 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> None:
-    """VmHWM (peak RSS) starts again from the current RSS (Linux clear_refs, value 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from megatron_wmss.platform.peak_memory import (  # noqa: E402  (VmHWM, clear_refs)
+    reset_peak_rss as _reset_peak,
+    status_kib as _status_kib,
+)
 
 
 def _use_all_cores() -> None:

@@ -15,14 +15,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "reset_peak_rss", "status_kib"]
 
 _STATUS = "/proc/self/status"
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM)."""
     with open(_STATUS) as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> None:
+    """VmHWM (peak RSS) starts again from the current RSS (Linux clear_refs, value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class PeakMemory:
@@ -43,9 +50,8 @@ class PeakMemory:
             self._base = 0
             return
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM starts again from the current RSS
-            self._base = _status_kib("VmRSS") * 1024
+            reset_peak_rss()
+            self._base = status_kib("VmRSS") * 1024
         except (OSError, StopIteration):  # no procfs (macOS) or an old kernel
             self._base = None
 
@@ -58,7 +64,7 @@ class PeakMemory:
             return {"bytes": int(torch.cuda.max_memory_allocated()),
                     "how": "cuda_max_memory_allocated"}
         try:
-            peak = _status_kib("VmHWM") * 1024
+            peak = status_kib("VmHWM") * 1024
         except (OSError, StopIteration):
             return None
         return {"bytes": max(0, peak - self._base), "how": "rss_growth"}

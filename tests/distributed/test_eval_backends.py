@@ -168,8 +168,11 @@ def _first_argmax_of_shards():
     logits[5, :] = 1.0                       # every column tied: index 0
     rank, size = dist.get_rank(), dist.get_world_size()
     local = padded // size
+    from megatron_wmss.platform import default_device
+
     mine = logits[:, rank * local:(rank + 1) * local].to(torch.bfloat16).float()
-    return _first_argmax(mine, None if size == 1 else dist.group.WORLD, vocab).tolist(), \
+    mine = mine.to(default_device())  # NCCL reduces device tensors
+    return _first_argmax(mine, None if size == 1 else dist.group.WORLD, vocab).cpu().tolist(), \
         torch.argmax(logits.to(torch.bfloat16).float()[:, :vocab], dim=-1).tolist()
 
 
